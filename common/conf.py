@@ -1,0 +1,449 @@
+"""The one immutable `Config`: what the guest gets and how we behave.
+
+Built once, from the parsed command line (`options`) and what the host looks
+like (`hostinfo`).  Every module receives the parts it needs from it; nothing
+else reads `sys.argv`, the environment or resolv.conf.  Errors are `ConfigError`
+with a one-line message naming the offending value.
+
+Defaults follow C passt/pasta: the guest gets the host's address, prefix and
+gateway on the outbound interface (the one with the default route), MTU 65520,
+the host's resolvers, and the gateway address maps to the host's loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pwd
+import grp
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from typing import Any
+
+from common.fwd import NONE as FWD_NONE
+from common.fwd import ForwardSpec
+from common.hostinfo import HostInfo, HostRoute
+
+MTU_DEFAULT = 65520
+MTU_MIN = 68
+MTU_MAX = 65520
+LOG_SIZE_DEFAULT = 1 << 20
+# the MAC we use when the host gives us none to copy (C passt uses the same)
+MAC_FALLBACK = bytes.fromhex("9a559a559a55")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be built; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Ip4Config:
+    addr: IPv4Address                    # the guest's address (default: the host's)
+    prefix_len: int
+    gateway: IPv4Address | None          # router offered to the guest
+    our_addr: IPv4Address                # what we answer as: DHCP server id, ARP source
+    dns: tuple[IPv4Address, ...]         # resolvers offered to the guest
+    dns_forward: IPv4Address | None      # guest-side address whose DNS we forward
+    dns_host: IPv4Address | None         # where forwarded DNS queries go on the host
+    map_host_loopback: IPv4Address | None  # guest-side address for the host's 127.0.0.1
+    map_guest_addr: IPv4Address | None   # guest-side address for the host's own address
+    outbound: IPv4Address | None         # -o: source address for host sockets
+    outbound_if: str | None              # --outbound-if4
+    host_ifname: str | None              # template interface on the host
+    host_addrs: tuple[IPv4Interface, ...] = ()   # host addresses (for --config-net)
+    host_routes: tuple[HostRoute, ...] = ()
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return IPv4Interface((self.addr, self.prefix_len)).network
+
+
+@dataclass(frozen=True)
+class Ip6Config:
+    addr: IPv6Address                    # the guest's global address (default: the host's)
+    prefix_len: int
+    gateway: IPv6Address | None          # the host's gateway (maps to host loopback)
+    our_ll: IPv6Address                  # our link-local: source of NDP, RA and DHCPv6
+    dns: tuple[IPv6Address, ...]
+    dns_forward: IPv6Address | None
+    dns_host: IPv6Address | None
+    map_host_loopback: IPv6Address | None
+    map_guest_addr: IPv6Address | None
+    outbound: IPv6Address | None
+    outbound_if: str | None
+    host_ifname: str | None
+    host_addrs: tuple[IPv6Interface, ...] = ()
+    host_routes: tuple[HostRoute, ...] = ()
+
+    @property
+    def prefix(self) -> ipaddress.IPv6Network:
+        """The /64 (or configured) prefix advertised for SLAAC."""
+        return IPv6Interface((self.addr, min(self.prefix_len, 64))).network
+
+
+@dataclass(frozen=True)
+class Services:
+    tcp: bool = True
+    udp: bool = True
+    icmp: bool = True
+    dhcp: bool = True
+    ndp: bool = True
+    dhcpv6: bool = True
+    ra: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    debug: bool = False
+    trace: bool = False
+    quiet: bool = False
+    stderr: bool = False
+    file: str | None = None
+    size: int = LOG_SIZE_DEFAULT
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    foreground: bool = False
+    pid_file: str | None = None
+    runas: tuple[int, int] | None = None   # explicit --runas
+
+
+@dataclass(frozen=True)
+class Config:
+    mtu: int
+    our_mac: bytes                       # source MAC of everything we send to the guest
+    ip4: Ip4Config | None
+    ip6: Ip6Config | None
+    search: tuple[str, ...] = ()
+    hostname: str | None = None
+    fqdn: str | None = None
+    offer_dns: bool = True               # DHCP/RA/DHCPv6 carry resolvers
+    offer_search: bool = True            # ... and the search list
+    services: Services = field(default_factory=Services)
+    tcp_in: ForwardSpec = FWD_NONE       # host -> guest (-t)
+    udp_in: ForwardSpec = FWD_NONE       # host -> guest (-u)
+    tcp_out: ForwardSpec = FWD_NONE      # namespace -> host (-T, pasta)
+    udp_out: ForwardSpec = FWD_NONE      # namespace -> host (-U, pasta)
+    pcap: str | None = None
+    log: LogConfig = field(default_factory=LogConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    notes: tuple[str, ...] = ()          # what discovery left out, said at start-up
+
+
+# ---------------------------------------------------------------- value parsers
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        if len(parts) != 6 or any(len(p) not in (1, 2) for p in parts):
+            raise ValueError
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"invalid MAC address: {text}") from None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_addr(text: str, what: str = "address") -> IPv4Address | IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"invalid {what}: {text}") from None
+
+
+def parse_addr_prefix(text: str) -> tuple[IPv4Address | IPv6Address, int | None]:
+    addr_text, _, prefix_text = text.partition("/")
+    addr = parse_addr(addr_text)
+    if not prefix_text:
+        return addr, None
+    limit = 32 if addr.version == 4 else 128
+    if not prefix_text.isdigit() or not 0 <= int(prefix_text) <= limit:
+        raise ConfigError(f"invalid prefix length: {text}")
+    return addr, int(prefix_text)
+
+
+def parse_netmask(text: str) -> int:
+    if text.isdigit():
+        bits = int(text)
+        if 0 <= bits <= 32:
+            return bits
+        raise ConfigError(f"invalid netmask: {text}")
+    try:
+        return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+    except ValueError:
+        raise ConfigError(f"invalid netmask: {text}") from None
+
+
+def parse_int(text: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise ConfigError(f"invalid {what}: {text}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"invalid {what}: {text} (allowed {low}-{high})")
+    return value
+
+
+def parse_runas(text: str) -> tuple[int, int]:
+    user, _, group = text.partition(":")
+    try:
+        if user.isdigit():
+            uid = int(user)
+            gid = pwd.getpwuid(uid).pw_gid if not group else None
+        else:
+            entry = pwd.getpwnam(user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if user.isdigit() and group:
+            uid, gid = int(user), None
+        elif user.isdigit():
+            return int(user), int(user)
+        else:
+            raise ConfigError(f"invalid --runas user: {user}") from None
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"invalid --runas group: {group}") from None
+    return uid, gid if gid is not None else uid
+
+
+def classful_prefix(addr: IPv4Address) -> int:
+    """RFC 4632 fallback when no host address gives a prefix."""
+    first = int(addr) >> 24
+    return 8 if first < 128 else 16 if first < 192 else 24
+
+
+# ---------------------------------------------------------------- building
+
+
+def _split_by_family(values: list[str] | None, what: str) -> tuple[list, list]:
+    v4, v6 = [], []
+    for text in values or []:
+        addr = parse_addr(text, what)
+        (v4 if addr.version == 4 else v6).append(addr)
+    return v4, v6
+
+
+def _one(values: list, what: str):
+    if len(values) > 1:
+        raise ConfigError(f"{what} given more than once for one address family")
+    return values[0] if values else None
+
+
+def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
+                 forward_parser=None) -> Config:
+    """The Config for `mode` ("pasta" or "passt") from parsed options and the host."""
+    notes: list[str] = []
+    mtu = parse_int(opts["mtu"], "MTU", MTU_MIN, MTU_MAX) if opts.get("mtu") else MTU_DEFAULT
+    if opts.get("ipv4_only") and opts.get("ipv6_only"):
+        raise ConfigError("options -4 and -6 are mutually exclusive")
+
+    addrs4, addrs6 = [], []
+    prefix4 = prefix6 = None
+    for text in opts.get("address") or []:
+        addr, prefix = parse_addr_prefix(text)
+        if addr.version == 4:
+            addrs4.append(addr)
+            prefix4 = prefix if prefix is not None else prefix4
+        else:
+            addrs6.append(addr)
+            prefix6 = prefix if prefix is not None else prefix6
+    addr4, addr6 = _one(addrs4, "--address"), _one(addrs6, "--address")
+    if opts.get("netmask"):
+        prefix4 = parse_netmask(opts["netmask"])
+    gw4s, gw6s = _split_by_family(opts.get("gateway"), "gateway")
+    gw4_opt, gw6_opt = _one(gw4s, "--gateway"), _one(gw6s, "--gateway")
+    out4s, out6s = _split_by_family(opts.get("outbound"), "outbound address")
+    fwd4s, fwd6s = _split_by_family(opts.get("dns_forward"), "--dns-forward address")
+    dnshost4s, dnshost6s = _split_by_family(opts.get("dns_host"), "--dns-host address")
+    guest4s, guest6s = _split_by_family(opts.get("map_guest_addr"), "--map-guest-addr address")
+
+    map_lo4: IPv4Address | None | str = "default"
+    map_lo6: IPv6Address | None | str = "default"
+    for text in opts.get("map_host_loopback") or []:
+        if text == "none":
+            map_lo4 = map_lo6 = None
+            continue
+        addr = parse_addr(text, "--map-host-loopback address")
+        if addr.version == 4:
+            map_lo4 = addr
+        else:
+            map_lo6 = addr
+    if opts.get("no_map_gw"):
+        map_lo4 = None if map_lo4 == "default" else map_lo4
+        map_lo6 = None if map_lo6 == "default" else map_lo6
+
+    # resolvers: -D overrides resolv.conf; "none" means no resolvers at all
+    dns_texts = opts.get("dns")
+    if dns_texts:
+        wanted = [] if "none" in dns_texts else dns_texts
+        dns4, dns6 = _split_by_family(wanted, "DNS address")
+    else:
+        dns4, dns6 = _split_by_family(list(host.nameservers), "DNS address")
+    host_dns4 = [a for a in _split_by_family(list(host.nameservers), "DNS")[0]]
+    host_dns6 = [a for a in _split_by_family(list(host.nameservers), "DNS")[1]]
+
+    search_texts = opts.get("search")
+    if search_texts:
+        words = " ".join(search_texts).split()
+        search = () if words == ["none"] else tuple(w.rstrip(".") for w in words)
+    else:
+        search = host.search
+
+    mac = parse_mac(opts["mac_addr"]) if opts.get("mac_addr") else None
+
+    # IPv4
+    ip4 = None
+    fam = host.v4
+    if opts.get("ipv6_only"):
+        pass
+    elif fam is None and addr4 is None:
+        notes.append("IPv4: no default route on the host, IPv4 disabled")
+    elif fam is not None and not fam.addrs and addr4 is None:
+        notes.append(f"IPv4: no address on {fam.ifname}, IPv4 disabled")
+    else:
+        host_addr = IPv4Address(fam.addrs[0][0]) if fam and fam.addrs else None
+        guest = addr4 or host_addr
+        if prefix4 is None:
+            match = [p for a, p in (fam.addrs if fam else ()) if IPv4Address(a) == guest]
+            prefix4 = match[0] if match else (fam.addrs[0][1] if fam and fam.addrs and
+                                              addr4 is None else classful_prefix(guest))
+        gateway = gw4_opt or (IPv4Address(fam.gateway) if fam and fam.gateway else None)
+        if gateway is None:
+            notes.append("IPv4: no default gateway on the host, none offered")
+        net = IPv4Interface((guest, prefix4)).network
+        our = gateway
+        if our is None or our == guest:
+            our = next((h for h in net.hosts() if h != guest), guest)
+        map_lo = gateway if map_lo4 == "default" else map_lo4
+        dns_fwd = _one(fwd4s, "--dns-forward")
+        offered = list(dns4)
+        if dns_fwd is not None:
+            offered = [dns_fwd]
+        else:
+            # a loopback resolver (systemd-resolved, dnsmasq) is reached through the mapping
+            offered = [a if not a.is_loopback else map_lo for a in offered
+                       if not a.is_loopback or map_lo is not None]
+        ip4 = Ip4Config(
+            addr=guest, prefix_len=prefix4, gateway=gateway, our_addr=our,
+            dns=tuple(dict.fromkeys(offered)), dns_forward=dns_fwd,
+            dns_host=_one(dnshost4s, "--dns-host") or (host_dns4[0] if host_dns4 else None),
+            map_host_loopback=map_lo, map_guest_addr=_one(guest4s, "--map-guest-addr"),
+            outbound=_one(out4s, "--outbound"),
+            outbound_if=opts.get("outbound_if4"),
+            host_ifname=fam.ifname if fam else None,
+            host_addrs=tuple(IPv4Interface((a, p)) for a, p in (fam.addrs if fam else ())),
+            host_routes=fam.routes if fam else ())
+        if mac is None and fam is not None:
+            mac = _host_mac(host, fam.ifname)
+
+    # IPv6
+    ip6 = None
+    fam = host.v6
+    if opts.get("ipv4_only"):
+        pass
+    elif fam is None and addr6 is None:
+        notes.append("IPv6: no default route on the host, IPv6 disabled")
+    elif fam is not None and not fam.addrs and addr6 is None:
+        notes.append(f"IPv6: no global address on {fam.ifname}, IPv6 disabled")
+    else:
+        host_addr = IPv6Address(fam.addrs[0][0]) if fam and fam.addrs else None
+        guest = addr6 or host_addr
+        if prefix6 is None:
+            match = [p for a, p in (fam.addrs if fam else ()) if IPv6Address(a) == guest]
+            prefix6 = match[0] if match else 64
+        gateway = gw6_opt or (IPv6Address(fam.gateway) if fam and fam.gateway else None)
+        our_ll = IPv6Address(fam.link_local) if fam and fam.link_local else (
+            gateway if gateway is not None and gateway.is_link_local
+            else IPv6Address("fe80::1"))
+        map_lo = gateway if map_lo6 == "default" else map_lo6
+        dns_fwd = _one(fwd6s, "--dns-forward")
+        offered = list(dns6)
+        if dns_fwd is not None:
+            offered = [dns_fwd]
+        else:
+            offered = [a if not a.is_loopback else map_lo for a in offered
+                       if not a.is_loopback or map_lo is not None]
+        ip6 = Ip6Config(
+            addr=guest, prefix_len=prefix6, gateway=gateway, our_ll=our_ll,
+            dns=tuple(dict.fromkeys(offered)), dns_forward=dns_fwd,
+            dns_host=_one(dnshost6s, "--dns-host") or (host_dns6[0] if host_dns6 else None),
+            map_host_loopback=map_lo, map_guest_addr=_one(guest6s, "--map-guest-addr"),
+            outbound=_one(out6s, "--outbound"),
+            outbound_if=opts.get("outbound_if6"),
+            host_ifname=fam.ifname if fam else None,
+            host_addrs=tuple(IPv6Interface((a, p)) for a, p in (fam.addrs if fam else ())),
+            host_routes=fam.routes if fam else ())
+        if mac is None and fam is not None:
+            mac = _host_mac(host, fam.ifname)
+
+    if ip4 is None and ip6 is None:
+        raise ConfigError("no usable IPv4 or IPv6 configuration "
+                          "(no default route on the host: give -a and -g, or -i)")
+
+    log_size = (parse_int(opts["log_size"], "log size", 4096, 1 << 40)
+                if opts.get("log_size") else LOG_SIZE_DEFAULT)
+    services = Services(
+        tcp=not opts.get("no_tcp"), udp=not opts.get("no_udp"), icmp=not opts.get("no_icmp"),
+        dhcp=not opts.get("no_dhcp") and ip4 is not None,
+        ndp=not opts.get("no_ndp") and ip6 is not None,
+        dhcpv6=not opts.get("no_dhcpv6") and ip6 is not None,
+        ra=not opts.get("no_ra") and not opts.get("no_ndp") and ip6 is not None)
+
+    fwd = {}
+    if forward_parser is not None:
+        fwd = forward_parser(mode, opts, services)
+
+    return Config(
+        mtu=mtu,
+        our_mac=mac or MAC_FALLBACK,
+        ip4=ip4, ip6=ip6,
+        search=search,
+        hostname=opts.get("hostname"),
+        fqdn=opts.get("fqdn"),
+        offer_dns=not opts.get("no_dhcp_dns"),
+        offer_search=not opts.get("no_dhcp_search"),
+        services=services,
+        tcp_in=fwd.get("tcp_in", FWD_NONE), udp_in=fwd.get("udp_in", FWD_NONE),
+        tcp_out=fwd.get("tcp_out", FWD_NONE), udp_out=fwd.get("udp_out", FWD_NONE),
+        pcap=opts.get("pcap"),
+        log=LogConfig(debug=bool(opts.get("debug") or opts.get("trace")),
+                      trace=bool(opts.get("trace")), quiet=bool(opts.get("quiet")),
+                      stderr=bool(opts.get("stderr")), file=opts.get("log_file"),
+                      size=log_size),
+        process=ProcessConfig(foreground=bool(opts.get("foreground")),
+                              pid_file=opts.get("pid_file"),
+                              runas=parse_runas(opts["runas"]) if opts.get("runas") else None),
+        notes=tuple(notes),
+    )
+
+
+def _host_mac(host: HostInfo, ifname: str) -> bytes | None:
+    text = host.macs.get(ifname)
+    if not text:
+        return None
+    mac = bytes.fromhex(text.replace(":", ""))
+    return mac if len(mac) == 6 and any(mac) else None
+
+
+def describe(conf: Config) -> list[str]:
+    """Human summary printed at start-up (like C pasta's)."""
+    lines = [f"MAC: {format_mac(conf.our_mac)}", f"MTU: {conf.mtu}"]
+    if conf.ip4:
+        c = conf.ip4
+        lines += [f"DHCP: assign {c.addr}/{c.prefix_len}, router {c.gateway or '-'}"]
+        if c.dns and conf.offer_dns:
+            lines.append("    DNS: " + ", ".join(map(str, c.dns)))
+    if conf.ip6:
+        c = conf.ip6
+        lines += [f"NDP/DHCPv6: assign {c.addr}/{c.prefix_len}, "
+                  f"router {c.gateway or '-'}, our link-local {c.our_ll}"]
+        if c.dns and conf.offer_dns:
+            lines.append("    DNS: " + ", ".join(map(str, c.dns)))
+    if conf.search and conf.offer_search:
+        lines.append("    search: " + " ".join(conf.search))
+    return lines
