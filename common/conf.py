@@ -12,9 +12,9 @@ the host's resolvers, and the gateway address maps to the host's loopback.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import pwd
-import grp
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
