@@ -9,6 +9,7 @@ an exception in the child comes back as `HelperError` with its message.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -26,6 +27,8 @@ def run_in_child(fn: Callable[..., Any], *args: Any) -> Any:
     pid = os.fork()
     if pid == 0:  # child
         os.close(rfd)
+        # pyroute2 logs every netlink message at debug level: not ours to show
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         code = 0
         try:
             try:

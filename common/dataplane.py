@@ -1,0 +1,54 @@
+"""The data plane: one tap backend, the frame demux and the protocol handlers, on one loop.
+
+Both modes build one of these after their own set-up (pasta: a tap in the
+namespace; passt: a connected VM socket) and then run the loop.  It owns the
+wiring only: which handler gets which frames, and the periodic work (Router
+Advertisements).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common import ndp
+from common.conf import Config
+from common.demux import FrameDemux
+from common.guest import GuestState
+from common.loop import IN, Loop
+from common.tap import TapBackend
+
+log = logging.getLogger("dataplane")
+
+RA_INTERVAL = getattr(ndp, "RA_INTERVAL", 60.0)
+
+
+class DataPlane:
+    def __init__(self, conf: Config, loop: Loop, tap: TapBackend,
+                 guest: GuestState | None = None) -> None:
+        self.conf = conf
+        self.loop = loop
+        self.tap = tap
+        self.guest = guest or GuestState(conf)
+        self.demux = FrameDemux(conf, self.guest, tap)
+        self._ra_timer = None
+        self.on_tap_gone = lambda: loop.stop(0)
+
+    def start(self) -> None:
+        self.loop.add(self.tap.fileno(), IN, self._tap_readable)
+        if self.conf.services.ra and self.conf.ip6 is not None:
+            self._ra_timer = self.loop.call_every(RA_INTERVAL, self.send_ra, first=0.2)
+
+    def send_ra(self) -> None:
+        self.tap.send_frame(ndp.router_advertisement(self.conf, self.guest))
+
+    def _tap_readable(self, _events: int) -> None:
+        if not self.tap.read(self.demux):
+            log.info("guest link closed")
+            self.loop.remove(self.tap.fileno())
+            self.on_tap_gone()
+
+    def stop(self) -> None:
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+        if self.loop.watching(self.tap.fileno()):
+            self.loop.remove(self.tap.fileno())

@@ -1,0 +1,143 @@
+"""Frame demux: every frame from the guest goes to the one handler that owns it.
+
+ARP, NDP, DHCP and DHCPv6 go to the sans-I/O responders, whose reply frames
+go straight back to the tap.  TCP, UDP and ICMP go to the L4 translation
+handlers registered in `l4` as `handler(frame, l3, l4, end)`, where `frame`
+is a memoryview of the whole Ethernet frame (valid only during the call),
+`l3`/`l4` are the offsets of the IP and transport headers and `end` is where
+the IP packet ends (trailing Ethernet padding excluded).
+
+The parsing here is the minimum needed to route a frame, done on the
+memoryview with no intermediate objects: this runs for every packet.  A frame
+that is malformed, fragmented or for nobody is dropped and counted in
+`counters`; nothing a guest sends can raise out of here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from common import arp, dhcp, dhcpv6, ndp
+from common.conf import Config
+from common.guest import GuestState
+from common.tap import TapBackend
+
+log = logging.getLogger("demux")
+
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
+# IPv6 extension headers we skip over to find the transport header
+_EXT_SKIP = frozenset((0, 43, 60))
+_EXT_FRAGMENT = 44
+_NDP_TYPES = frozenset((133, 134, 135, 136, 137))
+
+L4Handler = Callable[[memoryview, int, int, int], None]
+
+
+class FrameDemux:
+    def __init__(self, conf: Config, guest: GuestState, tap: TapBackend) -> None:
+        self.conf = conf
+        self.guest = guest
+        self.tap = tap
+        self.counters: Counter[str] = Counter()
+        svc = conf.services
+        self._arp = conf.ip4 is not None
+        self._dhcp = svc.dhcp and conf.ip4 is not None
+        self._ndp = svc.ndp and conf.ip6 is not None
+        self._dhcpv6 = svc.dhcpv6 and conf.ip6 is not None
+        # L4 translation handlers, registered by tcp/udp/icmp when enabled
+        self.tcp4: L4Handler | None = None
+        self.tcp6: L4Handler | None = None
+        self.udp4: L4Handler | None = None
+        self.udp6: L4Handler | None = None
+        self.icmp4: L4Handler | None = None
+        self.icmp6: L4Handler | None = None
+
+    def _drop(self, why: str) -> None:
+        self.counters[why] += 1
+
+    def _reply(self, frames: list[bytes]) -> None:
+        for f in frames:
+            self.tap.send_frame(f)
+
+    def __call__(self, frame: memoryview) -> None:
+        n = len(frame)
+        if n < 14:
+            return self._drop("runt")
+        if frame[6:12] != self.guest.mac:
+            self.guest.observe_mac(bytes(frame[6:12]))
+        ethertype = frame[12] << 8 | frame[13]
+        if ethertype == ETH_P_IP:
+            return self._ipv4(frame, n)
+        if ethertype == ETH_P_IPV6:
+            return self._ipv6(frame, n)
+        if ethertype == ETH_P_ARP and self._arp:
+            return self._reply(arp.handle(frame, self.conf, self.guest))
+        return self._drop("ethertype")
+
+    def _ipv4(self, frame: memoryview, n: int) -> None:
+        if n < 34 or frame[14] >> 4 != 4 or self.conf.ip4 is None:
+            return self._drop("ipv4")
+        ihl = (frame[14] & 0x0F) * 4
+        end = 14 + (frame[16] << 8 | frame[17])
+        l4 = 14 + ihl
+        if ihl < 20 or end > n or end < l4:
+            return self._drop("ipv4")
+        if (frame[20] & 0x3F) or frame[21]:           # MF set or offset != 0
+            return self._drop("fragment")
+        proto = frame[23]
+        if proto == PROTO_TCP:
+            h = self.tcp4
+        elif proto == PROTO_UDP:
+            if end - l4 >= 8 and frame[l4 + 2] == 0 and frame[l4 + 3] == 67:
+                if self._dhcp:
+                    return self._reply(dhcp.handle(frame, self.conf, self.guest))
+                return self._drop("dhcp")
+            h = self.udp4
+        elif proto == PROTO_ICMP:
+            h = self.icmp4
+        else:
+            h = None
+        if h is None:
+            return self._drop("proto4")
+        h(frame, 14, l4, end)
+
+    def _ipv6(self, frame: memoryview, n: int) -> None:
+        if n < 54 or frame[14] >> 4 != 6 or self.conf.ip6 is None:
+            return self._drop("ipv6")
+        end = 54 + (frame[18] << 8 | frame[19])
+        if end > n:
+            return self._drop("ipv6")
+        nh = frame[20]
+        l4 = 54
+        while nh in _EXT_SKIP or nh == _EXT_FRAGMENT:
+            if l4 + 8 > end:
+                return self._drop("ipv6")
+            if nh == _EXT_FRAGMENT:
+                return self._drop("fragment")
+            nh, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        if l4 > end:
+            return self._drop("ipv6")
+        if nh == PROTO_TCP:
+            h = self.tcp6
+        elif nh == PROTO_UDP:
+            if end - l4 >= 8 and frame[l4 + 2] == 2 and frame[l4 + 3] == 0x23:   # port 547
+                if self._dhcpv6:
+                    return self._reply(dhcpv6.handle(frame, self.conf, self.guest))
+                return self._drop("dhcpv6")
+            h = self.udp6
+        elif nh == PROTO_ICMPV6:
+            if end - l4 >= 4 and frame[l4] in _NDP_TYPES:
+                if self._ndp:
+                    return self._reply(ndp.handle(frame, self.conf, self.guest))
+                return self._drop("ndp")
+            h = self.icmp6
+        else:
+            h = None
+        if h is None:
+            return self._drop("proto6")
+        h(frame, 14, l4, end)

@@ -1,0 +1,185 @@
+"""The one event loop: epoll, timers and signals, one thread.
+
+Every registered file descriptor carries its handler, called as
+`handler(events)` with the epoll event mask; dispatch is one dict lookup.
+Handlers must not block and should drain their fd.  Timers are a deadline
+heap (`call_later`, `call_every`); signals arrive through a wakeup pipe and
+are dispatched like any other event, so a handler never runs inside a signal
+frame.
+
+A handler that raises is a bug, not a reason to stop serving every other
+flow: the loop logs it with its traceback, counts it and carries on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("loop")
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+ERR = select.EPOLLERR
+HUP = select.EPOLLHUP
+RDHUP = select.EPOLLRDHUP
+ET = select.EPOLLET
+
+Handler = Callable[[int], None]
+
+
+class Timer:
+    """A scheduled call; `cancel()` makes it a no-op."""
+    __slots__ = ("deadline", "fn", "interval", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[[], None], interval: float | None) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.interval = interval
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Handler] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._wakeup: tuple[int, int] | None = None
+        self._exit_code: int | None = None
+        self.handler_errors = 0
+
+    # ------------------------------------------------------------ fds
+
+    def add(self, fd: int, events: int, handler: Handler) -> None:
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def set_handler(self, fd: int, handler: Handler) -> None:
+        self._handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        """Forget fd (call before closing it)."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    # ------------------------------------------------------------ timers
+
+    def call_at(self, deadline: float, fn: Callable[[], None],
+                interval: float | None = None) -> Timer:
+        timer = Timer(deadline, fn, interval)
+        heapq.heappush(self._timers, (deadline, next(self._seq), timer))
+        return timer
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        return self.call_at(time.monotonic() + delay, fn)
+
+    def call_every(self, interval: float, fn: Callable[[], None],
+                   first: float | None = None) -> Timer:
+        return self.call_at(time.monotonic() + (interval if first is None else first), fn,
+                            interval)
+
+    def _run_timers(self, now: float) -> float:
+        """Run due timers; return seconds until the next one (-1: none)."""
+        timers = self._timers
+        while timers:
+            deadline, _, timer = timers[0]
+            if timer.cancelled:
+                heapq.heappop(timers)
+                continue
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(timers)
+            if timer.interval is not None:
+                timer.deadline = max(deadline + timer.interval, now)
+                heapq.heappush(timers, (timer.deadline, next(self._seq), timer))
+            try:
+                timer.fn()
+            except Exception:  # noqa: BLE001 - see module docstring
+                self.handler_errors += 1
+                log.exception("timer %r failed", timer.fn)
+        return -1.0
+
+    # ------------------------------------------------------------ signals
+
+    def on_signal(self, signum: int, fn: Callable[[int], None]) -> None:
+        """Run fn(signum) from the loop (not from the signal frame) when signum arrives."""
+        if self._wakeup is None:
+            rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wakeup = (rfd, wfd)
+            signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+            self.add(rfd, IN, self._read_signals)
+        self._signal_handlers[signum] = fn
+        signal.signal(signum, _noop_signal_handler)
+
+    def _read_signals(self, _events: int) -> None:
+        assert self._wakeup is not None
+        try:
+            data = os.read(self._wakeup[0], 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            fn = self._signal_handlers.get(signum)
+            if fn is not None:
+                fn(signum)
+
+    # ------------------------------------------------------------ running
+
+    def stop(self, code: int = 0) -> None:
+        """Leave run() with this exit code once the current event is handled."""
+        if self._exit_code is None:
+            self._exit_code = code
+
+    @property
+    def stopping(self) -> bool:
+        return self._exit_code is not None
+
+    def run(self) -> int:
+        handlers = self._handlers
+        poll = self._epoll.poll
+        monotonic = time.monotonic
+        while self._exit_code is None:
+            timeout = self._run_timers(monotonic()) if self._timers else -1.0
+            if self._exit_code is not None:
+                break
+            for fd, events in poll(timeout, 256):
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler(events)
+                except Exception:  # noqa: BLE001 - see module docstring
+                    self.handler_errors += 1
+                    log.exception("handler for fd %d failed", fd)
+        return self._exit_code
+
+    def close(self) -> None:
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+        self._epoll.close()
+
+
+def _noop_signal_handler(_signum: int, _frame: object) -> None:
+    """The wakeup fd carries the signal to the loop; nothing to do here."""

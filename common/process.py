@@ -1,0 +1,93 @@
+"""Process life: daemonising with a readiness handshake, the pid file.
+
+`daemonize()` forks.  The parent stays until the child reports, then exits:
+0 once the child says it is ready (namespace configured, sockets listening),
+or the child's exit code when set-up failed (the child has already printed
+why on the shared stderr).  Podman relies on this: exit 0 means the network
+is configured, and it waits for our stdout/stderr to close, which `ready()`
+does by pointing them at /dev/null.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class Readiness:
+    """The child's end of the handshake."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def ready(self) -> None:
+        """Tell the parent we are up and detach from its terminal and pipes."""
+        devnull = os.open(os.devnull, os.O_RDWR)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        if self.fd is not None:
+            try:
+                os.write(self.fd, b"OK")
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def failed(self, code: int) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, b"E%d" % code)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+
+def daemonize() -> Readiness:
+    """Fork; the parent waits for the child's verdict and exits with it."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        data = b""
+        while True:
+            chunk = os.read(rfd, 64)
+            if not chunk:
+                break
+            data += chunk
+        if data == b"OK":
+            os._exit(0)
+        code = 1
+        if data.startswith(b"E") and data[1:].isdigit():
+            code = int(data[1:]) or 1
+        else:
+            # the child died before it could say: reap it for its status
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status) or 1
+            code = code if code > 0 else 128 - code
+        os._exit(code)
+    os.close(rfd)
+    os.setsid()
+    return Readiness(wfd)
+
+
+def write_pid_file(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(path: str | None) -> None:
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError:
+        pass

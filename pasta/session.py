@@ -1,0 +1,132 @@
+"""One pasta run once the target namespace is known: what it creates and tears down.
+
+`setup()` enters the namespace with a helper thread, creates the tap there,
+configures links through netlink, opens the capture file and builds the data
+plane.  `run()` serves until the namespace goes away, the command exits or a
+signal asks us to stop; `close()` undoes what exists (closing the tap fd
+removes the interface), and is safe after a partial `setup()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+from common import isolation
+from common.conf import Config, format_mac, parse_mac
+from common.dataplane import DataPlane
+from common.loop import Loop
+from common.pcap import Pcap
+from common.tap import TunTap
+from pasta import netcfg
+from pasta.ns import Target
+from pasta.nsthread import NsThread
+from pasta.tapdev import TapError, open_tap
+from pasta.watch import NetnsFileWatch, ProcessWatch
+
+log = logging.getLogger("pasta")
+
+
+class Session:
+    def __init__(self, conf: Config, opts: dict[str, Any], target: Target) -> None:
+        self.conf = conf
+        self.opts = opts
+        self.target = target
+        self.loop = Loop()
+        self.ns: NsThread | None = None
+        self.tap: TunTap | None = None
+        self.pcap: Pcap | None = None
+        self.dataplane: DataPlane | None = None
+        self.exit_code = 0
+        self._watches: list[object] = []
+
+    @property
+    def ifname(self) -> str:
+        if self.opts.get("ns_ifname"):
+            return self.opts["ns_ifname"]
+        for fam in (self.conf.ip4, self.conf.ip6):
+            if fam is not None and fam.host_ifname:
+                return fam.host_ifname
+        return "tap0"
+
+    def setup(self) -> None:
+        from pasta.cli import SetupError  # noqa: PLC0415
+
+        self.ns = NsThread(self.target.netns_fd)
+        try:
+            fd, name = self.ns.call(open_tap, self.ifname, True)
+        except TapError as exc:
+            raise SetupError(str(exc)) from None
+        ns_mac = self.opts.get("ns_mac_addr")
+        plan = netcfg.plan(self.conf, name,
+                           format_mac(parse_mac(ns_mac)) if ns_mac else None,
+                           config_net=bool(self.opts.get("config_net")),
+                           copy_addrs=not self.opts.get("no_copy_addrs"),
+                           copy_routes=not self.opts.get("no_copy_routes"))
+        self.tap = TunTap(fd, vnet_hdr=True)
+        if self.conf.pcap:
+            self.pcap = self.tap.pcap = Pcap(self.conf.pcap)
+        done = netcfg.apply(self.target.netns_fd, plan)
+        log.debug("namespace interface %s: %s", name, done)
+        self.dataplane = DataPlane(self.conf, self.loop, self.tap,
+                                   _guest_state(self.conf, ns_mac))
+        self.dataplane.start()
+        self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
+        self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
+        self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        log.info("%s: exiting", signal.Signals(signum).name)
+        self.loop.stop(0)
+
+    def drop_privileges(self) -> None:
+        isolation.switch_user(isolation.target_ids(self.conf.process.runas))
+        isolation.drop_capabilities()
+        if self.ns is not None:
+            self.ns.call(isolation.drop_capabilities)
+
+    def watch_target(self) -> None:
+        if self.target.netns_path and not self.opts.get("no_netns_quit"):
+            self._watches.append(NetnsFileWatch(self.loop, self.target.netns_path,
+                                                self.target.netns_fd, lambda: self.loop.stop(0)))
+        elif self.target.pid is not None:
+            self._watches.append(ProcessWatch(self.loop, self.target.pid,
+                                              lambda: self._target_exited()))
+
+    def _target_exited(self) -> None:
+        log.info("process %d exited, exiting", self.target.pid)
+        self.loop.stop(0)
+
+    def watch_command(self, pid: int) -> None:
+        def exited() -> None:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            self.loop.stop(code if code >= 0 else 128 - code)
+
+        self._watches.append(ProcessWatch(self.loop, pid, exited))
+
+    def run(self) -> int:
+        return self.loop.run()
+
+    def close(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop()
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        if self.pcap is not None:
+            self.pcap.close()
+            self.pcap = None
+        if self.ns is not None:
+            self.ns.stop()
+            self.ns = None
+        self.target.close()
+        self.loop.close()
+
+
+def _guest_state(conf: Config, ns_mac: str | None):
+    from common.guest import GuestState  # noqa: PLC0415
+
+    return GuestState(conf, parse_mac(ns_mac) if ns_mac else None)

@@ -1,0 +1,73 @@
+"""Knowing when the namespace we serve is gone, so that we quit by ourselves.
+
+Podman never kills pasta: it unmounts and removes the netns file and
+expects pasta to go.  For a `--netns PATH` target we watch PATH's directory
+with inotify (any event about that name triggers a check) and, as a safety
+net for an unmount without removal, re-check once a second; the namespace is
+gone when PATH no longer exists or no longer is the nsfs inode we opened.
+For a PID target (or a spawned command) a pidfd tells us when the process
+exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from inotify_simple import INotify, flags
+
+from common.loop import IN, Loop
+
+log = logging.getLogger("watch")
+
+
+class NetnsFileWatch:
+    def __init__(self, loop: Loop, path: str, netns_fd: int,
+                 on_gone: Callable[[], None]) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        st = os.fstat(netns_fd)
+        self.ident = (st.st_dev, st.st_ino)
+        self.on_gone = on_gone
+        self.inotify = INotify()
+        self.inotify.add_watch(os.path.dirname(path) or ".",
+                               flags.DELETE | flags.MOVED_FROM | flags.CREATE | flags.ATTRIB
+                               | flags.DELETE_SELF | flags.UNMOUNT)
+        loop.add(self.inotify.fileno(), IN, self._event)
+        self.timer = loop.call_every(1.0, self.check)
+
+    def _event(self, _events: int) -> None:
+        for ev in self.inotify.read(timeout=0):
+            if not ev.name or ev.name == self.name:
+                self.check()
+                return
+
+    def gone(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ident
+
+    def check(self) -> None:
+        if self.gone():
+            log.info("namespace file %s is gone, exiting", self.path)
+            self.timer.cancel()
+            self.on_gone()
+
+
+class ProcessWatch:
+    """Calls on_exit() once the process `pid` has exited (via a pidfd)."""
+
+    def __init__(self, loop: Loop, pid: int, on_exit: Callable[[], None]) -> None:
+        self.loop = loop
+        self.pid = pid
+        self.on_exit = on_exit
+        self.fd = os.pidfd_open(pid)
+        loop.add(self.fd, IN, self._event)
+
+    def _event(self, _events: int) -> None:
+        self.loop.remove(self.fd)
+        os.close(self.fd)
+        self.on_exit()
