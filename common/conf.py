@@ -76,8 +76,8 @@ class Ip6Config:
 
     @property
     def prefix(self) -> ipaddress.IPv6Network:
-        """The /64 (or configured) prefix advertised for SLAAC."""
-        return IPv6Interface((self.addr, min(self.prefix_len, 64))).network
+        """The /64 around the guest's address, advertised for SLAAC (which needs a /64)."""
+        return IPv6Interface((self.addr, 64)).network
 
 
 @dataclass(frozen=True)

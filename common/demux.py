@@ -49,6 +49,7 @@ class FrameDemux:
         self._dhcp = svc.dhcp and conf.ip4 is not None
         self._ndp = svc.ndp and conf.ip6 is not None
         self._dhcpv6 = svc.dhcpv6 and conf.ip6 is not None
+        self._our_ll = conf.ip6.our_ll.packed if conf.ip6 else b""
         # L4 translation handlers, registered by tcp/udp/icmp when enabled
         self.tcp4: L4Handler | None = None
         self.tcp6: L4Handler | None = None
@@ -125,7 +126,8 @@ class FrameDemux:
         if nh == PROTO_TCP:
             h = self.tcp6
         elif nh == PROTO_UDP:
-            if end - l4 >= 8 and frame[l4 + 2] == 2 and frame[l4 + 3] == 0x23:   # port 547
+            if (end - l4 >= 8 and frame[l4 + 2] == 2 and frame[l4 + 3] == 0x23   # port 547
+                    and (frame[38] == 0xFF or frame[38:54] == self._our_ll)):
                 if self._dhcpv6:
                     return self._reply(dhcpv6.handle(frame, self.conf, self.guest))
                 return self._drop("dhcpv6")
