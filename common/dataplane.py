@@ -15,7 +15,9 @@ from common.conf import Config
 from common.demux import FrameDemux
 from common.guest import GuestState
 from common.loop import IN, Loop
+from common.mapping import AddressMap
 from common.tap import TapBackend
+from common.tcp.handler import TcpHandler
 
 log = logging.getLogger("dataplane")
 
@@ -30,6 +32,13 @@ class DataPlane:
         self.tap = tap
         self.guest = guest or GuestState(conf)
         self.demux = FrameDemux(conf, self.guest, tap)
+        self.addrmap = AddressMap(conf)
+        self.tcp: TcpHandler | None = None
+        if conf.services.tcp:
+            self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.demux.tcp4 = self.tcp.on_frame4
+            self.demux.tcp6 = self.tcp.on_frame6
+        self._flush = [h.flush for h in (self.tcp,) if h is not None]
         self._ra_timer = None
         self.on_tap_gone = lambda: loop.stop(0)
 
@@ -42,12 +51,17 @@ class DataPlane:
         self.tap.send_frame(ndp.router_advertisement(self.conf, self.guest))
 
     def _tap_readable(self, _events: int) -> None:
-        if not self.tap.read(self.demux):
+        alive = self.tap.read(self.demux)
+        for flush in self._flush:
+            flush()
+        if not alive:
             log.info("guest link closed")
             self.loop.remove(self.tap.fileno())
             self.on_tap_gone()
 
     def stop(self) -> None:
+        if self.tcp is not None:
+            self.tcp.close_all()
         if self._ra_timer is not None:
             self._ra_timer.cancel()
         if self.loop.watching(self.tap.fileno()):

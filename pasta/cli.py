@@ -107,6 +107,10 @@ def run(opts: dict[str, Any]) -> int:
     for note in conf.notes:
         log.warning(note)
 
+    # who we become is decided by who started us, before we join any user namespace
+    from common import isolation  # noqa: PLC0415
+
+    run_as = isolation.target_ids(conf.process.runas)
     spawned: SpawnedCommand | None = None
     try:
         if command is not None:
@@ -144,7 +148,7 @@ def run(opts: dict[str, Any]) -> int:
         log.info(line)
     if conf.process.pid_file:
         write_pid_file(conf.process.pid_file)
-    session.drop_privileges()
+    session.drop_privileges(run_as)
 
     if spawned is not None:
         # the command owns the terminal's signals; we end when it ends

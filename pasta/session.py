@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from common import isolation
@@ -27,6 +28,8 @@ from pasta.tapdev import TapError, open_tap
 from pasta.watch import NetnsFileWatch, ProcessWatch
 
 log = logging.getLogger("pasta")
+
+COMMAND_EXIT_GRACE = 2.0     # seconds to let a finished command's connections drain
 
 
 class Session:
@@ -81,8 +84,8 @@ class Session:
         log.info("%s: exiting", signal.Signals(signum).name)
         self.loop.stop(0)
 
-    def drop_privileges(self) -> None:
-        isolation.switch_user(isolation.target_ids(self.conf.process.runas))
+    def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
+        isolation.switch_user(run_as)
         isolation.drop_capabilities()
         if self.ns is not None:
             self.ns.call(isolation.drop_capabilities)
@@ -103,9 +106,19 @@ class Session:
         def exited() -> None:
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            self.loop.stop(code if code >= 0 else 128 - code)
+            self.exit_code = code if code >= 0 else 128 - code
+            self._linger(time.monotonic() + COMMAND_EXIT_GRACE)
 
         self._watches.append(ProcessWatch(self.loop, pid, exited))
+
+    def _linger(self, until: float) -> None:
+        """The command is gone, but what it wrote may still be in flight in its
+        sockets: keep serving until its connections are closed, briefly."""
+        tcp = self.dataplane.tcp if self.dataplane else None
+        if not tcp or not tcp.conns or time.monotonic() >= until:
+            self.loop.stop(self.exit_code)
+            return
+        self.loop.call_later(0.02, lambda: self._linger(until))
 
     def run(self) -> int:
         return self.loop.run()

@@ -248,19 +248,19 @@ chan.recv(1)
 
 def test_file_opened_in_another_namespace_keeps_showing_it():
     if os.geteuid() != 0:
-        pytest.skip("needs root to unshare a network namespace")
+        pytest.fail("needs root to unshare a network namespace")
     ours, theirs = socket.socketpair()
     try:
         child = subprocess.Popen(["unshare", "--net", sys.executable, "-c", _CHILD,
                                   str(theirs.fileno())], pass_fds=[theirs.fileno()])
     except FileNotFoundError:
-        pytest.skip("no unshare(1)")
+        pytest.fail("no unshare(1)")
     theirs.close()
     try:
         ours.settimeout(10)
         msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
         if not fds:
-            pytest.skip("child could not create a namespace")
+            pytest.fail("child could not create a namespace")
         port = int(msg)
         with ProcNetFile(fds[0], "tcp") as theirs_tcp, ProcNetFile.open("tcp") as our_tcp:
             assert theirs_tcp.ports() == {port}             # a fresh namespace: only it

@@ -1,0 +1,103 @@
+"""Address translation between what the guest sees and what host sockets use.
+
+Guest -> host (destination of a new flow):
+- the `--map-host-loopback` address (by default the gateway) reaches the
+  host's loopback, 127.0.0.1 or ::1;
+- the `--map-guest-addr` address reaches the host's own global address,
+  which the guest cannot otherwise address because it has a copy of it;
+- the `--dns-forward` address, port 53, reaches the host's resolver
+  (`--dns-host`, by default the first nameserver in resolv.conf);
+- anything else is used as it is.
+
+Host -> guest (source of what the guest receives, for inbound connections
+and for replies): the host's loopback appears as the map-host-loopback
+address (or the gateway), the host's own addresses as the map-guest-addr
+address when set (otherwise as the loopback mapping, so the guest never
+sees its own address as a peer), and the DNS resolver of a forwarded query
+as the dns-forward address.  Replies keep the address the guest used
+(flows remember it); this is what a new host-side peer looks like.
+
+All addresses here are packed bytes (4 or 16), the form frames carry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from common.conf import Config
+
+LOOPBACK4 = socket.inet_pton(socket.AF_INET, "127.0.0.1")
+LOOPBACK6 = socket.inet_pton(socket.AF_INET6, "::1")
+DNS_PORT = 53
+
+
+def _packed(addr) -> bytes | None:
+    return addr.packed if addr is not None else None
+
+
+class AddressMap:
+    def __init__(self, conf: Config) -> None:
+        self.conf = conf
+        c4, c6 = conf.ip4, conf.ip6
+        self.lo_alias4 = _packed(c4.map_host_loopback) if c4 else None
+        self.lo_alias6 = _packed(c6.map_host_loopback) if c6 else None
+        self.guest_alias4 = _packed(c4.map_guest_addr) if c4 else None
+        self.guest_alias6 = _packed(c6.map_guest_addr) if c6 else None
+        self.dns_fwd4 = _packed(c4.dns_forward) if c4 else None
+        self.dns_fwd6 = _packed(c6.dns_forward) if c6 else None
+        self.dns_host4 = _packed(c4.dns_host) if c4 else None
+        self.dns_host6 = _packed(c6.dns_host) if c6 else None
+        # the host's own addresses, as the guest would otherwise see them
+        self.host_own4 = ({i.ip.packed for i in c4.host_addrs} | {c4.addr.packed}) if c4 else set()
+        self.host_own6 = ({i.ip.packed for i in c6.host_addrs} | {c6.addr.packed}) if c6 else set()
+        self.host_primary4 = (c4.host_addrs[0].ip.packed if c4 and c4.host_addrs
+                              else _packed(c4.addr) if c4 else None)
+        self.host_primary6 = (c6.host_addrs[0].ip.packed if c6 and c6.host_addrs
+                              else _packed(c6.addr) if c6 else None)
+        # what stands for "the host" when no mapping address is configured
+        self.fallback4 = (_packed(c4.map_host_loopback) or _packed(c4.gateway)
+                          or c4.our_addr.packed) if c4 else None
+        self.fallback6 = (_packed(c6.map_host_loopback) or _packed(c6.gateway)
+                          or c6.our_ll.packed) if c6 else None
+
+    # ------------------------------------------------------------ guest -> host
+
+    def to_host(self, v6: bool, dst: bytes, port: int) -> tuple[bytes, int]:
+        """The host-side (address, port) a guest flow to (dst, port) connects to."""
+        if v6:
+            if dst == self.lo_alias6:
+                return LOOPBACK6, port
+            if dst == self.guest_alias6 and self.host_primary6:
+                return self.host_primary6, port
+            if port == DNS_PORT and dst == self.dns_fwd6 and self.dns_host6:
+                return self.dns_host6, port
+        else:
+            if dst == self.lo_alias4:
+                return LOOPBACK4, port
+            if dst == self.guest_alias4 and self.host_primary4:
+                return self.host_primary4, port
+            if port == DNS_PORT and dst == self.dns_fwd4 and self.dns_host4:
+                return self.dns_host4, port
+        return dst, port
+
+    # ------------------------------------------------------------ host -> guest
+
+    def to_guest_source(self, v6: bool, src: bytes) -> bytes:
+        """How a host-side peer at `src` appears to the guest."""
+        if v6:
+            if src == LOOPBACK6 or ipaddress.IPv6Address(src).is_loopback:
+                return self.lo_alias6 or self.fallback6
+            if src in self.host_own6:
+                return self.guest_alias6 or self.fallback6
+            return src
+        if src[0] == 127:
+            return self.lo_alias4 or self.fallback4
+        if src in self.host_own4:
+            return self.guest_alias4 or self.fallback4
+        return src
+
+
+def sockaddr(v6: bool, addr: bytes, port: int) -> tuple:
+    return ((socket.inet_ntop(socket.AF_INET6, addr), port, 0, 0) if v6
+            else (socket.inet_ntop(socket.AF_INET, addr), port))
