@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -18,10 +19,12 @@ from typing import Any
 from common import isolation
 from common.conf import Config, format_mac, parse_mac
 from common.dataplane import DataPlane
+from common.listeners import BindError
 from common.loop import Loop
 from common.pcap import Pcap
 from common.tap import TunTap
 from pasta import netcfg
+from pasta.forwarding import PastaForwarding
 from pasta.ns import Target
 from pasta.nsthread import NsThread
 from pasta.tapdev import TapError, open_tap
@@ -42,6 +45,7 @@ class Session:
         self.tap: TunTap | None = None
         self.pcap: Pcap | None = None
         self.dataplane: DataPlane | None = None
+        self.forwarding: PastaForwarding | None = None
         self.exit_code = 0
         self._watches: list[object] = []
 
@@ -57,6 +61,7 @@ class Session:
     def setup(self) -> None:
         from pasta.cli import SetupError  # noqa: PLC0415
 
+        raise_fd_limit()
         self.ns = NsThread(self.target.netns_fd)
         try:
             fd, name = self.ns.call(open_tap, self.ifname, True)
@@ -76,6 +81,12 @@ class Session:
         self.dataplane = DataPlane(self.conf, self.loop, self.tap,
                                    _guest_state(self.conf, ns_mac))
         self.dataplane.start()
+        self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
+                                          splice=not self.opts.get("no_splice"))
+        try:
+            self.forwarding.start()
+        except BindError as exc:
+            raise SetupError(str(exc)) from None
         self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
         self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
         self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
@@ -124,6 +135,9 @@ class Session:
         return self.loop.run()
 
     def close(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.close()
+            self.forwarding = None
         if self.dataplane is not None:
             self.dataplane.stop()
         if self.tap is not None:
@@ -137,6 +151,13 @@ class Session:
             self.ns = None
         self.target.close()
         self.loop.close()
+
+
+def raise_fd_limit() -> None:
+    """Forwarding every port and many connections need many descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _guest_state(conf: Config, ns_mac: str | None):

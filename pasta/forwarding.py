@@ -1,0 +1,110 @@
+"""pasta's forwarded ports: -t and -T (and the splice path they feed).
+
+- `-t` listens on the host.  A client on the host's loopback is spliced to
+  the namespace's loopback (unless `--no-splice`); any other client becomes a
+  TCP connection towards the guest through the tap.
+- `-T` listens on the namespace's loopback and splices to the host's
+  loopback.
+
+`auto` on either side follows the ports bound on the other side, read from
+/proc/net/tcp{,6}: the namespace's files are opened once by the namespace
+thread and re-read from here.  Each direction leaves out the ports the other
+direction bound, so the two never chase each other's listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from common.conf import Config
+from common.listeners import PortForwarder, host_socket, tcp_listener
+from common.loop import Loop
+from common.procnet import ProcNetFile, scan_ports
+from common.tcp.handler import TcpHandler
+from pasta.nsthread import NsThread
+from pasta.splice import Splicer
+
+log = logging.getLogger("pasta")
+
+
+def _make_sockets(family: int, n: int) -> list[socket.socket]:
+    """Runs in the namespace thread."""
+    return [socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                          | socket.SOCK_CLOEXEC) for _ in range(n)]
+
+
+def _open_ns_tables(names: tuple[str, ...]) -> list[ProcNetFile]:
+    """Runs in the namespace thread: /proc/thread-self/net is that thread's namespace."""
+    return [ProcNetFile.open(n, "/proc/thread-self/net") for n in names]
+
+
+def _is_loopback(addr: bytes) -> bool:
+    return addr[0] == 127 if len(addr) == 4 else addr == socket.inet_pton(socket.AF_INET6, "::1")
+
+
+class PastaForwarding:
+    def __init__(self, conf: Config, loop: Loop, ns: NsThread, tcp: TcpHandler | None,
+                 splice: bool) -> None:
+        self.conf = conf
+        self.loop = loop
+        self.ns = ns
+        self.tcp = tcp
+        self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n))
+        self.splice_in = splice
+        self.files: list[ProcNetFile] = []
+        host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
+                                             (socket.AF_INET6, conf.ip6)) if c is not None)
+        ns_tcp = host_tcp = None
+        if conf.tcp_in.auto:
+            ns_files = ns.call(_open_ns_tables, ("tcp", "tcp6"))
+            self.files += ns_files
+            ns_tcp = lambda: scan_ports(ns_files)   # noqa: E731
+        if conf.tcp_out.auto:
+            host_files = [ProcNetFile.open("tcp"), ProcNetFile.open("tcp6")]
+            self.files += host_files
+            host_tcp = lambda: scan_ports(host_files)   # noqa: E731
+        self.tcp_in = PortForwarder(
+            loop, conf.tcp_in, "-t", families=host_families, loopback_only=False,
+            open_port=tcp_listener(loop, host_socket, self._accept_host),
+            scan=ns_tcp, exclude=lambda: self.tcp_out.ports)
+        self.tcp_out = PortForwarder(
+            loop, conf.tcp_out, "-T", families=(socket.AF_INET, socket.AF_INET6),
+            loopback_only=True,
+            open_port=tcp_listener(loop, self._ns_socket, self.splicer.accept_host),
+            scan=host_tcp, exclude=lambda: self.tcp_in.ports)
+
+    def _ns_socket(self, family: int, type_: int) -> socket.socket:
+        return self.ns.call(socket.socket, family, type_ | socket.SOCK_CLOEXEC)
+
+    def _accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
+                     v6: bool) -> None:
+        if self.splice_in and _is_loopback(peer):
+            self.splicer.from_host(sock, to_port, v6)
+        elif self.tcp is not None:
+            self.tcp.accept(sock, peer, peer_port, to_port, v6)
+        else:
+            sock.close()
+
+    def start(self) -> None:
+        if self.conf.services.tcp:
+            self.tcp_in.start()
+            self.tcp_out.start()
+        if self.tcp_in.bound:
+            log.info("TCP forwarded to the namespace: %s", _ports(self.tcp_in))
+        if self.tcp_out.bound:
+            log.info("TCP forwarded from the namespace: %s", _ports(self.tcp_out))
+
+    def close(self) -> None:
+        self.tcp_in.close()
+        self.tcp_out.close()
+        self.splicer.close_all()
+        for f in self.files:
+            f.close()
+
+
+def _ports(fwd: PortForwarder) -> str:
+    ports = sorted(fwd.bound)
+    if len(ports) > 8:
+        return f"{len(ports)} ports ({ports[0]}-{ports[-1]})"
+    return ", ".join(map(str, ports))

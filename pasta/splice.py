@@ -1,0 +1,275 @@
+"""The splice path: loopback TCP between the host and the namespace, socket to socket.
+
+When both ends are loopback (a host client on 127.0.0.1/::1 to a `-t` port,
+or a namespace client on its loopback to a `-T` port) no frame needs to
+exist: we accept on one side, connect on the other side's loopback, and move
+bytes with splice(2) through a pipe per direction.  The data never enters
+Python; each wakeup costs a couple of system calls per direction.
+
+Sockets in the namespace are made by the namespace thread.  Making one there
+is a round trip to that thread, so a few are made ahead of time (`_pool`)
+and handed out as connections arrive.
+
+Lifecycle of a `SpliceConn`: CONNECTING (our connect() in progress; the
+client's bytes wait in its socket) -> open in both directions -> each
+direction half-closes on its own (EOF read and the pipe drained:
+shutdown(SHUT_WR) on the other socket) -> both closed: forget it.  An error
+or reset on either socket aborts both, with SO_LINGER 0 so the peers see a
+reset too.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+
+from common.loop import ET, IN, OUT, RDHUP, Loop
+
+log = logging.getLogger("splice")
+
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+SPLICE_F_MOVE = 1
+SPLICE_F_NONBLOCK = 2
+FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+EVENTS = IN | OUT | RDHUP | ET
+_ERR = 0x008
+_HUP = 0x010
+_LINGER0 = struct.pack("ii", 1, 0)
+POOL_TARGET = 16
+MAX_CONNS = 32768
+
+
+class _Dir:
+    """One direction: bytes read from `src` wait in the pipe until `dst` takes them."""
+    __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "pending", "eof", "done")
+
+    def __init__(self, src: int, dst_sock: socket.socket, pr: int, pw: int) -> None:
+        self.src, self.dst, self.dst_sock = src, dst_sock.fileno(), dst_sock
+        self.pr, self.pw = pr, pw
+        self.pending = 0       # bytes in the pipe
+        self.eof = False       # src reached end of file
+        self.done = False      # dst shut down for writing
+
+
+class SpliceConn:
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes")
+
+    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+        self.a = a
+        self.b = b
+        self.connecting = True
+        self.closed = False
+        self.pipes: list[int] = []
+        self.fwd: _Dir | None = None
+        self.rev: _Dir | None = None
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass            # over the per-user pipe budget: the default size still works
+    return r, w
+
+
+class Splicer:
+    def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]]) -> None:
+        """ns_socket(family, n): n new non-blocking stream sockets inside the namespace."""
+        self.loop = loop
+        self.ns_socket = ns_socket
+        self.conns: set[SpliceConn] = set()
+        self.counters: Counter[str] = Counter()
+        self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
+
+    def _ns_sock(self, family: int) -> socket.socket:
+        pool = self._pool[family]
+        if not pool:
+            pool.extend(self.ns_socket(family, POOL_TARGET))
+        return pool.pop()
+
+    # ------------------------------------------------------------ entry points
+
+    def from_host(self, sock: socket.socket, to_port: int, v6: bool) -> None:
+        """A host loopback client on a -t port: connect to the namespace's loopback."""
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        try:
+            peer = self._ns_sock(family)
+        except OSError as exc:
+            log.debug("splice: no namespace socket: %s", exc)
+            self._refuse(sock)
+            return
+        self._start(sock, peer, ("::1" if v6 else "127.0.0.1", to_port))
+
+    def from_ns(self, sock: socket.socket, to_port: int, v6: bool) -> None:
+        """A namespace loopback client on a -T port: connect to the host's loopback."""
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        try:
+            peer = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            log.debug("splice: no host socket: %s", exc)
+            self._refuse(sock)
+            return
+        self._start(sock, peer, ("::1" if v6 else "127.0.0.1", to_port))
+
+    def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
+                    v6: bool) -> None:
+        """AcceptHandler signature, for -T listeners in the namespace."""
+        self.from_ns(sock, to_port, v6)
+
+    # ------------------------------------------------------------ connection life
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self.counters["refused"] += 1
+        _abort_sock(sock)
+
+    def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int]) -> None:
+        if len(self.conns) >= MAX_CONNS:
+            b.close()
+            self._refuse(a)
+            return
+        try:
+            a.setblocking(False)
+            for s in (a, b):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            b.close()
+            self._refuse(a)
+            return
+        c = SpliceConn(a, b)
+        self.conns.add(c)
+        self.loop.add(b.fileno(), EVENTS, partial(self._event_b, c))
+        err = b.connect_ex(dest)
+        if err == 0:
+            self._connected(c)
+        elif err not in (errno.EINPROGRESS, errno.EAGAIN):
+            self.counters["connect_fail"] += 1
+            self._abort(c)
+
+    def _connected(self, c: SpliceConn) -> None:
+        try:
+            r1, w1 = _pipe()
+            r2, w2 = _pipe()
+        except OSError as exc:
+            log.debug("splice: no pipes: %s", exc)
+            self._abort(c)
+            return
+        c.pipes = [r1, w1, r2, w2]
+        c.fwd = _Dir(c.a.fileno(), c.b, r1, w1)
+        c.rev = _Dir(c.b.fileno(), c.a, r2, w2)
+        c.connecting = False
+        self.counters["opened"] += 1
+        self.loop.add(c.a.fileno(), EVENTS, partial(self._event_a, c))
+        self._move(c, c.fwd)
+        if not c.closed:
+            self._move(c, c.rev)
+
+    def _event_a(self, c: SpliceConn, events: int) -> None:
+        if c.closed:
+            return
+        if events & _ERR:
+            self._abort(c)
+            return
+        if events & (IN | RDHUP | _HUP):
+            self._move(c, c.fwd)
+        if not c.closed and events & OUT and c.rev.pending:
+            self._move(c, c.rev)
+
+    def _event_b(self, c: SpliceConn, events: int) -> None:
+        if c.closed:
+            return
+        if c.connecting:
+            if events & (OUT | _ERR | _HUP):
+                err = c.b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.counters["connect_fail"] += 1
+                    self._abort(c)
+                else:
+                    self._connected(c)
+            return
+        if events & _ERR:
+            self._abort(c)
+            return
+        if events & (IN | RDHUP | _HUP):
+            self._move(c, c.rev)
+        if not c.closed and events & OUT and c.fwd.pending:
+            self._move(c, c.fwd)
+
+    def _move(self, c: SpliceConn, d: _Dir) -> None:
+        """Move what src has to dst until one of them would block."""
+        splice = os.splice
+        try:
+            while True:
+                if d.pending:
+                    n = splice(d.pr, d.dst, d.pending, flags=FLAGS)
+                    d.pending -= n
+                    if d.pending:
+                        continue
+                if d.eof:
+                    break
+                n = splice(d.src, d.pw, PIPE_SIZE, flags=FLAGS)
+                if n == 0:
+                    d.eof = True
+                    break
+                d.pending += n
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                log.debug("splice: %s", exc)
+            self._abort(c)
+            return
+        if d.eof and not d.pending and not d.done:
+            d.done = True
+            try:
+                d.dst_sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            other = c.rev if d is c.fwd else c.fwd
+            if other.done:
+                self._close(c)
+
+    def _abort(self, c: SpliceConn) -> None:
+        for s in (c.a, c.b):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            except OSError:
+                pass
+        self._close(c)
+
+    def _close(self, c: SpliceConn) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        for s in (c.a, c.b):
+            self.loop.remove(s.fileno())
+            s.close()
+        for fd in c.pipes:
+            os.close(fd)
+        c.pipes = []
+        self.conns.discard(c)
+
+    def close_all(self) -> None:
+        for c in list(self.conns):
+            self._abort(c)
+        for pool in self._pool.values():
+            for s in pool:
+                s.close()
+            pool.clear()
+
+
+def _abort_sock(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
