@@ -14,7 +14,7 @@ from common import ndp
 from common.conf import Config
 from common.demux import FrameDemux
 from common.guest import GuestState
-from common.loop import IN, Loop
+from common.loop import IN, OUT, Loop
 from common.mapping import AddressMap
 from common.tap import TapBackend
 from common.tcp.handler import TcpHandler
@@ -50,7 +50,12 @@ class DataPlane:
     def send_ra(self) -> None:
         self.tap.send_frame(ndp.router_advertisement(self.conf, self.guest))
 
-    def _tap_readable(self, _events: int) -> None:
+    def _tap_readable(self, events: int) -> None:
+        if events & OUT:
+            # only a backend that queues output asks for EPOLLOUT (passt's StreamTap)
+            self.tap.on_writable()
+            if not events & ~OUT:
+                return
         alive = self.tap.read(self.demux)
         for flush in self._flush:
             flush()
@@ -59,7 +64,15 @@ class DataPlane:
             self.loop.remove(self.tap.fileno())
             self.on_tap_gone()
 
+    def log_counters(self) -> None:
+        for name, counters in (("frames", self.demux.counters),
+                               ("tcp", self.tcp.counters if self.tcp else {})):
+            if counters:
+                log.debug("%s: %s", name, ", ".join(f"{k} {v}" for k, v in
+                                                    sorted(counters.items())))
+
     def stop(self) -> None:
+        self.log_counters()
         if self.tcp is not None:
             self.tcp.close_all()
         if self._ra_timer is not None:

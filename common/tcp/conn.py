@@ -27,9 +27,13 @@ buffer.  `snd_una` is the oldest byte the guest has not acknowledged (the
 first byte of the receive queue), `snd_nxt` the next we will send (the peek
 offset).  When the guest acknowledges n bytes we discard them from the socket
 (recv with MSG_TRUNC: no copy), which also moves the peek offset back by n.
-We send only within the guest's window.  On three duplicate ACKs or a
-retransmission timeout we rewind: peek offset back to 0, `snd_nxt` back to
-`snd_una`, and send again.
+We send only within the guest's window.  On three duplicate ACKs we resend
+the one segment at `snd_una` (peek offset briefly back to 0), and again at
+each partial ACK until everything sent before the loss is acknowledged
+(NewReno, RFC 6582, without SACK).  On a retransmission timeout we rewind:
+peek offset back to 0, `snd_nxt` back to `snd_una`, and send again; an ACK
+beyond the rewound `snd_nxt` (up to `snd_max`, the highest ever sent) moves
+it forward without resending what the guest already has.
 
 Opening.  Guest SYN: a non-blocking connect() to the (mapped) destination;
 when it completes we answer SYN-ACK with our MSS (from the MTU) and a window
@@ -83,6 +87,7 @@ FIN_ACKED = 0x080       # the guest acknowledged our FIN
 WND_CLOSED = 0x100      # we advertised a window smaller than one segment: update when it opens
 DROPPED = 0x200         # we dropped in-window data the socket could not take
 CLOSED = 0x400
+RECOVERING = 0x1000     # fast retransmit done, until everything sent before it is acknowledged
 
 OPENING = CONNECTING | SYNACK_SENT | SYN_SENT
 
@@ -96,7 +101,8 @@ class TcpConn:
     __slots__ = (
         "key", "sock", "fd", "flow", "state", "inbound",
         "rcv_nxt", "rcv_wnd",
-        "snd_una", "snd_nxt", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
+        "snd_una", "snd_nxt", "snd_max", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
+        "recover",
         "dup_acks", "last_ack", "rto", "rto_at", "retries",
         "deadline", "last_activity", "sock_event",
     )
@@ -112,6 +118,8 @@ class TcpConn:
         self.rcv_wnd = 0          # last window advertised to the guest, bytes
         self.snd_una = 0          # oldest sequence number the guest has not acknowledged
         self.snd_nxt = 0          # next sequence number we send
+        self.snd_max = 0          # highest sequence number sent so far, plus one
+        self.recover = 0          # snd_max when fast recovery started
         self.snd_wnd = 0          # the guest's window, bytes (already scaled)
         self.guest_wscale = 0
         self.guest_mss = 536

@@ -44,11 +44,13 @@ from common.tcp.conn import (
     GUEST_FIN,
     M32,
     OPENING,
+    RECOVERING,
     SOCK_EOF,
     SYN_SENT,
     SYNACK_SENT,
     WND_CLOSED,
     TcpConn,
+    seq_after,
 )
 from common.tcp.isn import initial_seq
 from common.tcp.segment import (
@@ -255,7 +257,7 @@ class TcpHandler:
         isn = initial_seq(flow.src + flow.sport.to_bytes(2, "big"),
                           flow.dst + flow.dport.to_bytes(2, "big"))
         conn.snd_una = isn
-        conn.snd_nxt = (isn + 1) & M32
+        conn.snd_nxt = conn.snd_max = (isn + 1) & M32
         conn.state = SYNACK_SENT
         conn.deadline = self.now + HANDSHAKE_TIMEOUT
         conn.rto = RTO_INITIAL
@@ -328,26 +330,32 @@ class TcpHandler:
         wnd = window << wscale if wscale > 0 else window
         acked = (ack - conn.snd_una) & M32
         if acked:
-            in_flight = (conn.snd_nxt - conn.snd_una) & M32
-            if acked > in_flight:
+            if acked > ((conn.snd_max - conn.snd_una) & M32):
                 self.counters["ack_beyond"] += 1
                 return
             st = conn.state
             data_acked = acked
-            if st & FIN_SENT and ack == (conn.fin_seq + 1) & M32:
+            if st & SOCK_EOF and ack == (conn.fin_seq + 1) & M32:
                 data_acked -= 1
                 conn.state = st = st | FIN_ACKED
             if data_acked:
                 self._discard_acked(conn, data_acked)
             conn.snd_una = ack
+            if seq_after(ack, conn.snd_nxt):
+                # we had rewound, but the guest already had this: carry on from here
+                conn.snd_nxt = ack
+                if st & SOCK_EOF and ack == (conn.fin_seq + 1) & M32:
+                    conn.state = st = st | FIN_SENT
             conn.snd_wnd = wnd
             conn.dup_acks = 0
             conn.retries = 0
             conn.rto = RTO_INITIAL
-            if conn.snd_nxt != ack:
-                conn.rto_at = self.now + conn.rto
-            else:
-                conn.rto_at = 0.0
+            if st & RECOVERING:
+                if seq_after(conn.recover, ack):
+                    self._retransmit_one(conn)      # partial ACK: the next hole
+                else:
+                    conn.state = st = st & ~RECOVERING
+            conn.rto_at = self.now + conn.rto if conn.snd_max != ack else 0.0
             if st & FIN_ACKED and st & GUEST_FIN:
                 self._close(conn)
                 return
@@ -359,12 +367,43 @@ class TcpHandler:
             if grew:
                 self._push(conn)
             return
-        if plen == 0 and conn.snd_nxt != conn.snd_una:
+        if plen == 0 and conn.snd_max != conn.snd_una:
             conn.dup_acks += 1
-            if conn.dup_acks == 3:
+            if conn.dup_acks == 3 and not conn.state & RECOVERING:
                 self.counters["fast_retransmit"] += 1
-                self._rewind(conn)
-                self._push(conn)
+                conn.state |= RECOVERING
+                conn.recover = conn.snd_max
+                self._retransmit_one(conn)
+
+    def _retransmit_one(self, conn: TcpConn) -> None:
+        """Resend the segment at snd_una (the hole the guest's ACKs point at) only."""
+        st = conn.state
+        data_end = conn.fin_seq if st & SOCK_EOF else conn.snd_max
+        outstanding = (data_end - conn.snd_una) & M32
+        flow = conn.flow
+        wscale = self._our_wscale(conn)
+        wnd_field = min(conn.rcv_wnd >> wscale, 0xFFFF)
+        if outstanding == 0 or outstanding >= 0x80000000:
+            if st & SOCK_EOF:
+                self.writer.send_ctrl(flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
+            return
+        writer = self.writer
+        if flow.v6:
+            payload, seg_max = writer.payload6, PAYLOAD_MAX6 if self.gso else conn.guest_mss
+        else:
+            payload, seg_max = writer.payload4, PAYLOAD_MAX4 if self.gso else conn.guest_mss
+        sock = conn.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            got = sock.recv_into(payload, min(outstanding, seg_max), MSG_PEEK)
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, (conn.snd_nxt - conn.snd_una) & M32)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._sock_error(conn, exc.errno)
+            return
+        if got:
+            writer.send(flow, conn.snd_una, conn.rcv_nxt, ACK, wnd_field, got, conn.guest_mss)
 
     def _discard_acked(self, conn: TcpConn, n: int) -> None:
         recv_into = conn.sock.recv_into
@@ -519,10 +558,15 @@ class TcpHandler:
         if st & (FIN_SENT | CLOSED) or not st & ESTABLISHED:
             return
         room = conn.snd_wnd - ((conn.snd_nxt - conn.snd_una) & M32)
-        if room <= 0:
-            return
         flow = conn.flow
         writer = self.writer
+        wscale = self._our_wscale(conn)
+        wnd_field = min(conn.rcv_wnd >> wscale, 0xFFFF)
+        if st & SOCK_EOF and conn.snd_nxt == conn.fin_seq:
+            self._send_fin(conn, wnd_field)
+            return
+        if room <= 0:
+            return
         if flow.v6:
             payload = writer.payload6
             seg_max = PAYLOAD_MAX6 if self.gso else conn.guest_mss
@@ -530,8 +574,6 @@ class TcpHandler:
             payload = writer.payload4
             seg_max = PAYLOAD_MAX4 if self.gso else conn.guest_mss
         recv_into = conn.sock.recv_into
-        wscale = self._our_wscale(conn)
-        wnd_field = min(conn.rcv_wnd >> wscale, 0xFFFF)
         mss = conn.guest_mss
         while room > 0:
             want = room if room < seg_max else seg_max
@@ -543,10 +585,9 @@ class TcpHandler:
                 self._sock_error(conn, exc.errno)
                 return
             if got == 0:
-                conn.state |= SOCK_EOF | FIN_SENT
+                conn.state |= SOCK_EOF
                 conn.fin_seq = conn.snd_nxt
-                writer.send_ctrl(flow, conn.snd_nxt, conn.rcv_nxt, FIN | ACK, wnd_field)
-                conn.snd_nxt = (conn.snd_nxt + 1) & M32
+                self._send_fin(conn, wnd_field)
                 break
             if not writer.send(flow, conn.snd_nxt, conn.rcv_nxt,
                                ACK | PSH if got < want else ACK, wnd_field, got, mss):
@@ -556,7 +597,20 @@ class TcpHandler:
             room -= got
             if got < want:
                 break
+        if seq_after(conn.snd_nxt, conn.snd_max):
+            conn.snd_max = conn.snd_nxt
         if conn.snd_nxt != conn.snd_una and not conn.rto_at:
+            conn.rto = conn.rto or RTO_INITIAL
+            conn.rto_at = self.now + conn.rto
+            self.timed.add(conn)
+
+    def _send_fin(self, conn: TcpConn, wnd_field: int) -> None:
+        self.writer.send_ctrl(conn.flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
+        conn.state |= FIN_SENT
+        conn.snd_nxt = (conn.fin_seq + 1) & M32
+        if seq_after(conn.snd_nxt, conn.snd_max):
+            conn.snd_max = conn.snd_nxt
+        if not conn.rto_at:
             conn.rto = conn.rto or RTO_INITIAL
             conn.rto_at = self.now + conn.rto
             self.timed.add(conn)
@@ -565,8 +619,7 @@ class TcpHandler:
         """Go back to the oldest unacknowledged byte: peek it again and resend."""
         conn.snd_nxt = conn.snd_una
         conn.dup_acks = 0
-        if conn.state & FIN_SENT:
-            conn.state &= ~(FIN_SENT | SOCK_EOF)
+        conn.state &= ~(FIN_SENT | RECOVERING)
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
@@ -607,7 +660,7 @@ class TcpHandler:
         conn = TcpConn(key, sock, flow, inbound=True)
         isn = initial_seq(src + peer_port.to_bytes(2, "big"), gaddr + to_port.to_bytes(2, "big"))
         conn.snd_una = isn
-        conn.snd_nxt = (isn + 1) & M32
+        conn.snd_nxt = conn.snd_max = (isn + 1) & M32
         conn.state = SYN_SENT
         conn.guest_wscale = 0
         conn.last_activity = self.now

@@ -1,0 +1,276 @@
+"""TCP through pasta: checked transfers on every path, concurrency, closing and resets.
+
+Paths, as the namespace ("ns") and the host namespace pasta runs in ("host") see them:
+- tap, ns-initiated: ns client -> gateway address (mapped to the host's loopback);
+- tap, host-initiated: a client on the router -> the host's address, port forwarded (-t);
+- splice, ns-initiated: ns client -> its own loopback, port forwarded out (-T);
+- splice, host-initiated: host client -> host loopback, port forwarded in (-t).
+Each moves 64 MiB one way or the other and compares SHA-256 end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import GW4, GW6, HOST4, HOST6, run, wait_for
+
+XFER = str(Path(__file__).with_name("xfer.py"))
+PY = sys.executable
+MIB = 1 << 20
+PORT = 5701
+
+
+def start_pasta(topo, procs, pasta, tmp_path, *opts):
+    """pasta as podman runs it (daemon, --config-net, --netns); ready when it returns."""
+    target = topo.target()
+    pidfile = tmp_path / f"pasta-{target.name}.pid"
+    r = topo.host.run(*pasta, "--config-net", "-P", str(pidfile), "-u", "none", "-U", "none",
+                      *opts, "--netns", target.name, check=False, timeout=30)
+    assert r.returncode == 0, r.stderr
+    procs.adopt(int(pidfile.read_text()))
+    return target
+
+
+def server(procs, ns, bind: str, mode: str, size: int, seed: int, conns: int = 1,
+           port: int = PORT):
+    p = procs.start(ns.cmd(PY, XFER, "server", "--bind", bind, "--port", str(port),
+                           "--mode", mode, "--size", str(size), "--seed", str(seed),
+                           "--conns", str(conns)), text=True)
+    line = p.stdout.readline()
+    assert json.loads(line) == {"listening": port}, line + p.stderr.read()
+    return p
+
+
+def client(ns, connect: str, mode: str, size: int, seed: int, parallel: int = 1,
+           port: int = PORT, timeout: float = 120) -> dict:
+    r = run(ns.cmd(PY, XFER, "client", "--connect", connect, "--port", str(port),
+                   "--mode", mode, "--size", str(size), "--seed", str(seed),
+                   "--parallel", str(parallel)), check=False, timeout=timeout)
+    assert r.stdout, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def server_results(p) -> list[dict]:
+    out, err = p.communicate(timeout=60)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+PATHS = {
+    # name: (pasta options, who runs the client, address it connects to per family,
+    #        who runs the server, address the server binds per family)
+    "tap-ns": ((), "target", {4: GW4, 6: GW6}, "host", {4: "127.0.0.1", 6: "::1"}),
+    "tap-host": (("-t", str(PORT)), "router", {4: HOST4, 6: HOST6}, "target",
+                 {4: "0.0.0.0", 6: "::"}),
+    "splice-ns": (("-T", str(PORT)), "target", {4: "127.0.0.1", 6: "::1"}, "host",
+                  {4: "127.0.0.1", 6: "::1"}),
+    "splice-host": (("-t", str(PORT)), "host", {4: "127.0.0.1", 6: "::1"}, "target",
+                    {4: "0.0.0.0", 6: "::"}),
+}
+
+
+def _ns(topo, target, who):
+    return {"target": target, "host": topo.host, "router": topo.router}[who]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["send", "recv"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_transfer_64mib(topo, procs, pasta, tmp_path, path, mode, family):
+    opts, cwho, caddr, swho, saddr = PATHS[path]
+    target = start_pasta(topo, procs, pasta, tmp_path, *opts)
+    srv = server(procs, _ns(topo, target, swho), saddr[family],
+                 "sink" if mode == "send" else "source", 64 * MIB, seed=family * 10)
+    res = client(_ns(topo, target, cwho), caddr[family], mode, 64 * MIB, seed=family * 10)
+    assert res["ok"], res
+    assert res["bytes"] == 64 * MIB
+    done = server_results(srv)
+    assert done and "error" not in done[0], done
+    if mode == "recv":
+        assert done[0]["confirmed"], done      # the half-closed side still received
+
+
+@pytest.mark.parametrize("path", ["tap-ns", "splice-host"])
+def test_200_concurrent_connections(topo, procs, pasta, tmp_path, path):
+    opts, cwho, caddr, swho, saddr = PATHS[path]
+    target = start_pasta(topo, procs, pasta, tmp_path, *opts)
+    srv = server(procs, _ns(topo, target, swho), saddr[4], "sink", MIB, seed=7, conns=200)
+    res = client(_ns(topo, target, cwho), caddr[4], "send", MIB, seed=7, parallel=200)
+    assert res["ok"] and res["connections"] == 200, res
+    assert res["bytes"] == 200 * MIB
+    results = server_results(srv)
+    assert len(results) == 200 and all(r["received"] == MIB for r in results)
+
+
+# ---------------------------------------------------------------- loss on the tap
+
+# classic BPF, direct action: A = random u32; A >= 1% of 2^32 ? TC_ACT_OK (0) : TC_ACT_SHOT (2)
+DROP_1PCT = "4,32 0 0 4294963256,53 0 1 42949673,6 0 0 0,6 0 0 2"
+
+
+def add_loss(ns, ifname: str = "eth0") -> None:
+    """1 % random loss both ways on the namespace's tap (this kernel has no netem)."""
+    ns.run("tc", "qdisc", "add", "dev", ifname, "clsact")
+    for hook in ("ingress", "egress"):
+        ns.run("tc", "filter", "add", "dev", ifname, hook, "bpf", "da", "bytecode", DROP_1PCT)
+
+
+def _drops(text: str) -> int:
+    total = 0
+    for line in text.splitlines():
+        if "dropped" in line:
+            parts = line.replace(",", " ").replace("(", " ").replace(")", " ").split()
+            total += int(parts[parts.index("dropped") + 1])
+    return total
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["send", "recv"])
+def test_transfer_with_loss(topo, procs, pasta, tmp_path, mode, family):
+    opts, cwho, caddr, swho, saddr = PATHS["tap-ns"]
+    target = start_pasta(topo, procs, pasta, tmp_path, *opts)
+    add_loss(target)
+    srv = server(procs, topo.host, saddr[family], "sink" if mode == "send" else "source",
+                 64 * MIB, seed=3)
+    res = client(target, caddr[family], mode, 64 * MIB, seed=3, timeout=240)
+    assert res["ok"], res
+    done = server_results(srv)
+    assert done and "error" not in done[0], done
+    # frames were really lost both ways
+    assert _drops(target.run("tc", "-s", "qdisc", "show", "dev", "eth0").stdout) > 0
+
+
+# ---------------------------------------------------------------- closing, refusing, resetting
+
+
+SNIPPET_CONNECT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.settimeout(5)
+t0 = time.monotonic()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print('connected')
+except OSError as e:
+    print(type(e).__name__, round(time.monotonic() - t0, 3))
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_refused_connection(topo, procs, pasta, tmp_path, family):
+    target = start_pasta(topo, procs, pasta, tmp_path)
+    r = target.run(PY, "-c", SNIPPET_CONNECT, GW4 if family == 4 else GW6, "5799")
+    name, seconds = r.stdout.split()
+    assert name == "ConnectionRefusedError" and float(seconds) < 2.0, r.stdout
+
+
+SNIPPET_RESET_SERVER = """
+import socket, struct, sys
+ls = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2]))); ls.listen(1)
+print('listening', flush=True)
+c, _ = ls.accept()
+c.settimeout(10)
+if sys.argv[3] == 'reset':
+    c.recv(1)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    c.close()
+    print('reset sent', flush=True)
+else:
+    try:
+        while c.recv(65536):
+            pass
+        print('eof')
+    except OSError as e:
+        print(type(e).__name__)
+"""
+
+SNIPPET_RESET_CLIENT = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+if sys.argv[3] == 'reset':
+    s.sendall(b'x' * 1000)
+    time.sleep(0.3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    s.close()
+    print('reset sent')
+else:
+    s.sendall(b'x')
+    try:
+        while s.recv(65536):
+            pass
+        print('eof')
+    except OSError as e:
+        print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("who_resets", ["host", "ns"])
+def test_reset_propagates(topo, procs, pasta, tmp_path, family, who_resets):
+    target = start_pasta(topo, procs, pasta, tmp_path)
+    bind = "127.0.0.1" if family == 4 else "::1"
+    srv = procs.start(topo.host.cmd(PY, "-c", SNIPPET_RESET_SERVER, bind, "5711",
+                                    "reset" if who_resets == "host" else "wait"), text=True)
+    assert srv.stdout.readline().strip() == "listening"
+    r = target.run(PY, "-c", SNIPPET_RESET_CLIENT, GW4 if family == 4 else GW6, "5711",
+                   "reset" if who_resets == "ns" else "wait", check=False)
+    out, _ = srv.communicate(timeout=15)
+    if who_resets == "host":
+        assert r.stdout.strip() == "ConnectionResetError", r.stdout + r.stderr
+    else:
+        assert out.split()[-1] == "ConnectionResetError", out
+
+
+def test_remap_and_auto(topo, procs, pasta, tmp_path):
+    """-t 6001:6002 reaches port 6002 in the namespace; -t auto follows a late listener."""
+    target = start_pasta(topo, procs, pasta, tmp_path, "-t", "6001:6002")
+    srv = server(procs, target, "0.0.0.0", "sink", MIB, seed=5, port=6002)
+    res = client(topo.router, HOST4, "send", MIB, seed=5, port=6001)
+    assert res["ok"], res
+    server_results(srv)
+
+    auto = start_pasta(topo, procs, pasta, tmp_path, "-t", "auto", "-T", "none")
+    # host port 6100 is not forwarded until something listens on it in the namespace
+    assert "6100" not in ss_ports(topo.host)
+    srv = server(procs, auto, "0.0.0.0", "sink", MIB, seed=6, port=6100)
+    wait_for(lambda: "6100" in ss_ports(topo.host), timeout=5, what="auto-forwarded port")
+    res = client(topo.host, "127.0.0.1", "send", MIB, seed=6, port=6100)
+    assert res["ok"], res
+    server_results(srv)
+    # and it goes away again once the namespace's listener is gone
+    wait_for(lambda: "6100" not in ss_ports(topo.host), timeout=5, what="auto port closed")
+
+
+def ss_ports(ns) -> set[str]:
+    out = ns.run("ss", "-Hltn").stdout
+    return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines() if line.strip()}
+
+
+def test_map_guest_addr(topo, procs, pasta, tmp_path):
+    """--map-guest-addr: the namespace reaches a service on the host's own address."""
+    target = start_pasta(topo, procs, pasta, tmp_path, "--map-guest-addr", "169.254.1.2")
+    srv = server(procs, topo.host, HOST4, "sink", MIB, seed=9)
+    res = client(target, "169.254.1.2", "send", MIB, seed=9)
+    assert res["ok"], res
+    server_results(srv)
+
+
+def test_many_short_connections_leave_no_flows(topo, procs, pasta, tmp_path):
+    target = start_pasta(topo, procs, pasta, tmp_path)
+    srv = server(procs, topo.host, "127.0.0.1", "sink", 1000, seed=11, conns=300)
+    for i in range(3):
+        res = client(target, GW4, "send", 1000, seed=11 + 100 * i, parallel=100)
+        assert res["ok"], res
+    server_results(srv)
+    pid = int(next(tmp_path.glob("pasta-*.pid")).read_text())
+    # only the epoll/tap/listener descriptors remain: no socket per finished connection
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) < 40, timeout=5, what="sockets closed")
+
