@@ -87,7 +87,11 @@ FIN_ACKED = 0x080       # the guest acknowledged our FIN
 WND_CLOSED = 0x100      # we advertised a window smaller than one segment: update when it opens
 DROPPED = 0x200         # we dropped in-window data the socket could not take
 CLOSED = 0x400
+ACK_QUEUED = 0x800      # an ACK is due at the end of this batch of guest frames
+ACK_DELAYED = 0x2000    # an ACK is due in a moment, unless data carries it first
 RECOVERING = 0x1000     # fast retransmit done, until everything sent before it is acknowledged
+DRAINED = 0x4000        # the last peek found nothing more: wait for the socket to say otherwise
+PEER_FIN = 0x8000       # the far end closed (EPOLLRDHUP): its FIN is queued after the data
 
 OPENING = CONNECTING | SYNACK_SENT | SYN_SENT
 
@@ -100,7 +104,7 @@ def seq_after(a: int, b: int) -> bool:
 class TcpConn:
     __slots__ = (
         "key", "sock", "fd", "flow", "state", "inbound",
-        "rcv_nxt", "rcv_wnd",
+        "rcv_nxt", "rcv_wnd", "ack_sent",
         "snd_una", "snd_nxt", "snd_max", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
         "recover",
         "dup_acks", "last_ack", "rto", "rto_at", "retries",
@@ -115,7 +119,8 @@ class TcpConn:
         self.inbound = inbound
         self.state = 0
         self.rcv_nxt = 0          # next sequence number expected from the guest
-        self.rcv_wnd = 0          # last window advertised to the guest, bytes
+        self.rcv_wnd = 0          # free space in the socket's send buffer, as last estimated
+        self.ack_sent = 0         # the rcv_nxt the guest last heard from us
         self.snd_una = 0          # oldest sequence number the guest has not acknowledged
         self.snd_nxt = 0          # next sequence number we send
         self.snd_max = 0          # highest sequence number sent so far, plus one

@@ -35,8 +35,11 @@ from common.packet.errors import MalformedPacket
 from common.packet.tcp import parse_tcp_options
 from common.tap import TapBackend
 from common.tcp.conn import (
+    ACK_DELAYED,
+    ACK_QUEUED,
     CLOSED,
     CONNECTING,
+    DRAINED,
     DROPPED,
     ESTABLISHED,
     FIN_ACKED,
@@ -44,6 +47,7 @@ from common.tcp.conn import (
     GUEST_FIN,
     M32,
     OPENING,
+    PEER_FIN,
     RECOVERING,
     SOCK_EOF,
     SYN_SENT,
@@ -81,6 +85,8 @@ MAX_RETRIES = 12               # retransmissions without progress before giving 
 HANDSHAKE_TIMEOUT = 10.0       # SYN / SYN-ACK / connect()
 IDLE_TIMEOUT = 7200.0          # no activity at all
 IDLE_SCAN = 10.0
+DELAYED_ACK = 0.001            # longest we hold the ACK of a small segment, seconds
+WINDOW_RECHECK = 1 << 18       # measure the socket's free space again below this estimate
 
 _HDR = struct.Struct("!HHIIBBH")
 _OUTQ = struct.Struct("i")
@@ -105,6 +111,8 @@ class TcpHandler:
         self.writer = SegmentWriter(tap, conf.our_mac, guest)
         self.conns: dict[bytes, TcpConn] = {}
         self.pending_acks: list[TcpConn] = []
+        self.delayed_acks: list[TcpConn] = []
+        self._delack_timer = None
         self.timed: set[TcpConn] = set()          # conns with an armed deadline or RTO
         self.counters: Counter[str] = Counter()
         self.mss4 = conf.mtu - 40
@@ -446,6 +454,7 @@ class TcpHandler:
                 self._sock_error(conn, exc.errno)
                 return
             conn.rcv_nxt = (conn.rcv_nxt + sent) & M32
+            conn.rcv_wnd -= sent
             if sent < plen:
                 conn.state |= DROPPED
                 self.counters["sock_full"] += 1
@@ -462,7 +471,12 @@ class TcpHandler:
             if conn.state & FIN_ACKED:
                 self._close(conn)
             return
-        self._queue_ack(conn)
+        unacked = (conn.rcv_nxt - conn.ack_sent) & M32
+        if plen < (conn.guest_mss >> 1) and unacked < 2 * conn.guest_mss:
+            # a small segment: an answer may be on its way, and it will carry the ACK
+            self._delay_ack(conn)
+        else:
+            self._queue_ack(conn)
 
     def _on_guest_rst(self, conn: TcpConn, seq: int) -> None:
         # accept a reset anywhere in the window we advertised (RFC 5961 is for the open net)
@@ -485,24 +499,52 @@ class TcpHandler:
         return free if free > 0 else 0
 
     def _queue_ack(self, conn: TcpConn) -> None:
-        if not conn.state & _ACK_QUEUED:
-            conn.state |= _ACK_QUEUED
+        if not conn.state & ACK_QUEUED:
+            conn.state |= ACK_QUEUED
             self.pending_acks.append(conn)
 
+    def _delay_ack(self, conn: TcpConn) -> None:
+        if not conn.state & ACK_DELAYED:
+            conn.state |= ACK_DELAYED
+            self.delayed_acks.append(conn)
+            if self._delack_timer is None:
+                self._delack_timer = self.loop.call_later(DELAYED_ACK, self._flush_delayed)
+
     def flush(self) -> None:
-        """Send the ACKs the last batch of guest frames made due."""
+        """Send the ACKs the last batch of guest frames made due (unless data carried them)."""
         pending = self.pending_acks
         if not pending:
             return
         self.pending_acks = []
         for conn in pending:
-            conn.state &= ~_ACK_QUEUED
-            if not conn.state & CLOSED:
+            st = conn.state
+            conn.state = st & ~ACK_QUEUED
+            if not st & CLOSED and (conn.ack_sent != conn.rcv_nxt or st & DROPPED):
                 self._send_ack(conn)
 
+    def _flush_delayed(self) -> None:
+        self._delack_timer = None
+        delayed = self.delayed_acks
+        self.delayed_acks = []
+        for conn in delayed:
+            st = conn.state
+            conn.state = st & ~ACK_DELAYED
+            if not st & CLOSED and conn.ack_sent != conn.rcv_nxt:
+                self._send_ack(conn)
+
+    def _window(self, conn: TcpConn) -> int:
+        """The window to offer: our running estimate while it is comfortable, else measured.
+
+        The estimate only ever undercounts (the kernel frees space as the far
+        end acknowledges, we only subtract what we write), so it is safe.
+        """
+        est = conn.rcv_wnd
+        if est < WINDOW_RECHECK:
+            est = conn.rcv_wnd = self._free_space(conn)
+        return est
+
     def _send_ack(self, conn: TcpConn) -> None:
-        free = self._free_space(conn)
-        conn.rcv_wnd = free
+        free = self._window(conn)
         wscale = self._our_wscale(conn)
         limit = 0xFFFF << wscale
         if free > limit:
@@ -512,6 +554,7 @@ class TcpHandler:
             conn.state |= WND_CLOSED
             self.loop.modify(conn.fd, SOCK_EVENTS)
             self.timed.add(conn)
+        conn.ack_sent = conn.rcv_nxt
         self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, ACK, free >> wscale)
 
     def _window_update(self, conn: TcpConn) -> None:
@@ -519,6 +562,7 @@ class TcpHandler:
         st = conn.state
         dropped = st & DROPPED
         conn.state = st & ~(WND_CLOSED | DROPPED)
+        conn.rcv_wnd = self._free_space(conn)
         self._send_ack(conn)
         if dropped:
             # three duplicates: the guest resends what we could not take, at once
@@ -548,6 +592,10 @@ class TcpHandler:
                 self._sock_error(conn, err)
                 return
         if events & (IN | RDHUP | _HUP) and st & ESTABLISHED:
+            st &= ~DRAINED
+            if events & (RDHUP | _HUP):
+                st |= PEER_FIN             # the end of the stream is in the queue: peek to it
+            conn.state = st
             self._push(conn)
         if events & OUT and conn.state & (WND_CLOSED | DROPPED):
             self._window_update(conn)
@@ -565,7 +613,7 @@ class TcpHandler:
         if st & SOCK_EOF and conn.snd_nxt == conn.fin_seq:
             self._send_fin(conn, wnd_field)
             return
-        if room <= 0:
+        if room <= 0 or st & DRAINED:
             return
         if flow.v6:
             payload = writer.payload6
@@ -580,6 +628,7 @@ class TcpHandler:
             try:
                 got = recv_into(payload, want, MSG_PEEK)
             except BlockingIOError:
+                conn.state |= DRAINED
                 break
             except OSError as exc:
                 self._sock_error(conn, exc.errno)
@@ -594,8 +643,11 @@ class TcpHandler:
                 # the tap did not take it: as if lost, the guest's ACKs will tell
                 self.counters["tap_drop"] += 1
             conn.snd_nxt = (conn.snd_nxt + got) & M32
+            conn.ack_sent = conn.rcv_nxt
             room -= got
-            if got < want:
+            if got < want and not conn.state & PEER_FIN:
+                # the queue is empty for now; a new arrival brings a new event (edge)
+                conn.state |= DRAINED
                 break
         if seq_after(conn.snd_nxt, conn.snd_max):
             conn.snd_max = conn.snd_nxt
@@ -606,6 +658,7 @@ class TcpHandler:
 
     def _send_fin(self, conn: TcpConn, wnd_field: int) -> None:
         self.writer.send_ctrl(conn.flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
+        conn.ack_sent = conn.rcv_nxt
         conn.state |= FIN_SENT
         conn.snd_nxt = (conn.fin_seq + 1) & M32
         if seq_after(conn.snd_nxt, conn.snd_max):
@@ -619,7 +672,7 @@ class TcpHandler:
         """Go back to the oldest unacknowledged byte: peek it again and resend."""
         conn.snd_nxt = conn.snd_una
         conn.dup_acks = 0
-        conn.state &= ~(FIN_SENT | RECOVERING)
+        conn.state &= ~(FIN_SENT | RECOVERING | DRAINED)
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
@@ -778,7 +831,6 @@ class TcpHandler:
         self._idle_timer.cancel()
 
 
-_ACK_QUEUED = 0x800
 _ERR = 0x008     # EPOLLERR
 _HUP = 0x010     # EPOLLHUP
 
