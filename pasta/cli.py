@@ -22,6 +22,7 @@ from typing import Any
 
 from common import log as logsetup
 from common.conf import Config, ConfigError, build_config, describe
+from common.fwd import forward_config
 from common.helper import HelperError
 from common.hostinfo import discover
 from common.options import main_parse
@@ -34,12 +35,6 @@ VERSION = "0.1.0"
 
 class SetupError(Exception):
     """Set-up failed; the message is one line."""
-
-
-def _forward_parser():
-    from common import fwd  # noqa: PLC0415
-
-    return getattr(fwd, "forward_config", None)
 
 
 def default_shell() -> str:
@@ -87,9 +82,8 @@ def build(opts: dict[str, Any]) -> Config:
         host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface)
     except HelperError as exc:
         raise SetupError(str(exc)) from None
-    parser = _forward_parser()
     try:
-        return build_config("pasta", opts, host, forward_parser=parser)
+        return build_config("pasta", opts, host, forward_parser=forward_config)
     except ValueError as exc:   # fwd.SpecError
         raise SetupError(str(exc)) from None
 

@@ -25,6 +25,7 @@ import struct
 import time
 from collections import Counter
 from functools import partial
+from ipaddress import IPv4Address, IPv6Address
 
 from common import log as plog
 from common.conf import Config
@@ -232,9 +233,9 @@ class TcpHandler:
         self.conns[key] = conn
         self.timed.add(conn)
         if v6:
-            self.guest.observe_addr6(_ip6(gaddr))
+            self.guest.observe_addr6(IPv6Address(gaddr))
         else:
-            self.guest.observe_addr4(_ip4(gaddr))
+            self.guest.observe_addr4(IPv4Address(gaddr))
         conn.sock_event = partial(self._sock_event, conn)
         self.loop.add(conn.fd, SOCK_EVENTS, conn.sock_event)
         err = sock.connect_ex(sockaddr(v6, host_addr, host_port))
@@ -841,15 +842,3 @@ def _close_abortive(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _ip4(packed: bytes):
-    import ipaddress  # noqa: PLC0415 - only on new flows
-
-    return ipaddress.IPv4Address(packed)
-
-
-def _ip6(packed: bytes):
-    import ipaddress  # noqa: PLC0415
-
-    return ipaddress.IPv6Address(packed)
