@@ -382,8 +382,12 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
             mac = _host_mac(host, fam.ifname)
 
     if ip4 is None and ip6 is None:
-        raise ConfigError("no usable IPv4 or IPv6 configuration "
-                          "(no default route on the host: give -a and -g, or -i)")
+        if opts.get("ipv4_only") or opts.get("ipv6_only"):
+            family = "IPv4" if opts.get("ipv4_only") else "IPv6"
+            raise ConfigError(f"{family} only, but the host has no {family} default route "
+                              "and no address was given (-a)")
+        notes.append("no default route on the host: the link gets no addresses, "
+                     "only forwarded loopback ports work")
 
     log_size = (parse_int(opts["log_size"], "log size", 4096, 1 << 40)
                 if opts.get("log_size") else LOG_SIZE_DEFAULT)

@@ -208,3 +208,52 @@ def test_rootless_pid_target(topo, pasta, procs, test_user):
 def test_version(pasta, hint):
     r = run([*pasta, "--version"])
     assert r.stdout.startswith("pasta ")
+
+
+def test_host_without_ipv6(topo, pasta):
+    """Only what exists: no IPv6 default route -> IPv4 only, and pasta says so."""
+    topo.host.run("ip", "-6", "route", "del", "default")
+    r = topo.host.run(*pasta, "--config-net", "--", "ip", "-j", "addr", "show", "eth0")
+    eth0 = json.loads(r.stdout)[0]
+    assert {a["local"] for a in eth0["addr_info"] if a["scope"] == "global"} == {HOST4}
+    assert "IPv6: no default route on the host, IPv6 disabled" in r.stderr
+
+
+def test_host_without_any_default_route(topo, pasta):
+    topo.host.run("ip", "route", "del", "default")
+    topo.host.run("ip", "-6", "route", "del", "default")
+    r = topo.host.run(*pasta, "--config-net", "--", "sh", "-c", "ip -j addr show; exit 3",
+                      check=False)
+    assert r.returncode == 3, r.stderr
+    # no outbound interface to name it after: the tap is tap0, up, with no global address
+    tap = next(a for a in json.loads(r.stdout) if a["ifname"] == "tap0")
+    assert "UP" in tap["flags"]
+    assert not [a for a in tap["addr_info"] if a.get("scope") == "global"]
+    assert "no default route on the host" in r.stderr
+    # asking for a family that does not exist is an error, though
+    r = topo.host.run(*pasta, "-4", "--config-net", "--", "true", check=False)
+    assert r.returncode == 1 and "IPv4 only" in r.stderr
+
+
+def test_runas_and_log_file(topo, pasta, tmp_path, procs, test_user):
+    uid, gid = test_user
+    target, pid, _, _ = start_daemon(topo, pasta, tmp_path, procs, "--runas", f"{uid}:{gid}",
+                                     "-d", "-l", str(tmp_path / "pasta.log"))
+    status = open(f"/proc/{pid}/status").read()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1:] == [str(uid)] * 4
+    log_text = (tmp_path / "pasta.log").read_text()
+    assert f"running as uid {uid}" in log_text and "namespace interface eth0" in log_text
+
+
+def test_userns_and_netns_paths(topo, pasta, procs, test_user):
+    """Rootless, naming the namespaces by path: --userns PATH --netns PATH."""
+    uid, gid = test_user
+    sleeper = procs.start(topo.host.cmd(*as_user(uid, gid, ["unshare", "-rn", "sleep", "60"])))
+    wait_for(lambda: _ns_of(sleeper.pid, "user") not in (None, _ns_of(os.getpid(), "user")),
+             what="user namespace")
+    p = procs.start(topo.host.cmd(*as_user(uid, gid, [
+        *pasta, "-f", "--config-net", "--userns", f"/proc/{sleeper.pid}/ns/user",
+        "--netns", f"/proc/{sleeper.pid}/ns/net"])))
+    wait_for(lambda: _configured(["nsenter", "-t", str(sleeper.pid), "-n"]), what="configured")
+    assert p.poll() is None
