@@ -14,10 +14,12 @@ from common import ndp
 from common.conf import Config
 from common.demux import FrameDemux
 from common.guest import GuestState
+from common.icmp import IcmpHandler
 from common.loop import IN, OUT, Loop
 from common.mapping import AddressMap
 from common.tap import TapBackend
 from common.tcp.handler import TcpHandler
+from common.udp import UdpHandler
 
 log = logging.getLogger("dataplane")
 
@@ -38,6 +40,16 @@ class DataPlane:
             self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap)
             self.demux.tcp4 = self.tcp.on_frame4
             self.demux.tcp6 = self.tcp.on_frame6
+        self.udp: UdpHandler | None = None
+        if conf.services.udp:
+            self.udp = UdpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.demux.udp4 = self.udp.on_frame4
+            self.demux.udp6 = self.udp.on_frame6
+        self.icmp: IcmpHandler | None = None
+        if conf.services.icmp:
+            self.icmp = IcmpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.demux.icmp4 = self.icmp.on_frame4
+            self.demux.icmp6 = self.icmp.on_frame6
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
         self._ra_timer = None
         self.on_tap_gone = lambda: loop.stop(0)
@@ -66,7 +78,9 @@ class DataPlane:
 
     def log_counters(self) -> None:
         for name, counters in (("frames", self.demux.counters),
-                               ("tcp", self.tcp.counters if self.tcp else {})):
+                               ("tcp", self.tcp.counters if self.tcp else {}),
+                               ("udp", self.udp.stats() if self.udp else {}),
+                               ("icmp", self.icmp.counters if self.icmp else {})):
             if counters:
                 log.debug("%s: %s", name, ", ".join(f"{k} {v}" for k, v in
                                                     sorted(counters.items())))
@@ -75,6 +89,10 @@ class DataPlane:
         self.log_counters()
         if self.tcp is not None:
             self.tcp.close_all()
+        if self.udp is not None:
+            self.udp.close_all()
+        if self.icmp is not None:
+            self.icmp.close_all()
         if self._ra_timer is not None:
             self._ra_timer.cancel()
         if self.loop.watching(self.tap.fileno()):

@@ -69,7 +69,7 @@ def echo_ok(s: socket.socket, token: bytes) -> bool:
 def client(args: argparse.Namespace) -> int:
     family = socket.AF_INET6 if ":" in args.connect else socket.AF_INET
     conns = []
-    for i in range(args.count):
+    for _ in range(args.count):
         s = socket.socket(family, socket.SOCK_STREAM)
         s.settimeout(10)
         s.connect((args.connect, args.port))

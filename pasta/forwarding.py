@@ -1,13 +1,16 @@
-"""pasta's forwarded ports: -t and -T (and the splice path they feed).
+"""pasta's forwarded ports: -t/-T and -u/-U (and the splice paths they feed).
 
 - `-t` listens on the host.  A client on the host's loopback is spliced to
   the namespace's loopback (unless `--no-splice`); any other client becomes a
   TCP connection towards the guest through the tap.
 - `-T` listens on the namespace's loopback and splices to the host's
   loopback.
+- `-u` and `-U` do the same for UDP: `-u` sockets belong to `common.udp`,
+  which hands datagrams from loopback clients to `pasta.udp_splice`; `-U`
+  sockets on the namespace's loopback go straight to `pasta.udp_splice`.
 
 `auto` on either side follows the ports bound on the other side, read from
-/proc/net/tcp{,6}: the namespace's files are opened once by the namespace
+/proc/net/tcp{,6} (udp{,6}): the namespace's files are opened once by the namespace
 thread and re-read from here.  Each direction leaves out the ports the other
 direction bound, so the two never chase each other's listeners.
 """
@@ -22,8 +25,10 @@ from common.listeners import PortForwarder, host_socket, tcp_listener
 from common.loop import Loop
 from common.procnet import ProcNetFile, scan_ports
 from common.tcp.handler import TcpHandler
+from common.udp import UdpHandler, bind_udp, udp_listener
 from pasta.nsthread import NsThread
 from pasta.splice import Splicer
+from pasta.udp_splice import UdpSplicer
 
 log = logging.getLogger("pasta")
 
@@ -31,6 +36,12 @@ log = logging.getLogger("pasta")
 def _make_sockets(family: int, n: int) -> list[socket.socket]:
     """Runs in the namespace thread."""
     return [socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                          | socket.SOCK_CLOEXEC) for _ in range(n)]
+
+
+def _make_dgram_sockets(family: int, n: int) -> list[socket.socket]:
+    """Runs in the namespace thread."""
+    return [socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                           | socket.SOCK_CLOEXEC) for _ in range(n)]
 
 
@@ -45,11 +56,12 @@ def _is_loopback(addr: bytes) -> bool:
 
 class PastaForwarding:
     def __init__(self, conf: Config, loop: Loop, ns: NsThread, tcp: TcpHandler | None,
-                 splice: bool) -> None:
+                 splice: bool, udp: UdpHandler | None = None) -> None:
         self.conf = conf
         self.loop = loop
         self.ns = ns
         self.tcp = tcp
+        self.udp = udp
         self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n))
         self.splice_in = splice
         self.files: list[ProcNetFile] = []
@@ -73,9 +85,34 @@ class PastaForwarding:
             loopback_only=True,
             open_port=tcp_listener(loop, self._ns_socket, self.splicer.accept_host),
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
+        self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
+                                                                      family, n))
+        ns_udp = host_udp = None
+        if conf.udp_in.auto:
+            ns_ufiles = ns.call(_open_ns_tables, ("udp", "udp6"))
+            self.files += ns_ufiles
+            ns_udp = lambda: scan_ports(ns_ufiles)   # noqa: E731
+        if conf.udp_out.auto:
+            host_ufiles = [ProcNetFile.open("udp"), ProcNetFile.open("udp6")]
+            self.files += host_ufiles
+            host_udp = lambda: scan_ports(host_ufiles)   # noqa: E731
+        self.udp_in = PortForwarder(
+            loop, conf.udp_in, "-u", families=host_families, loopback_only=False,
+            open_port=udp_listener(loop, host_socket, lambda: self.udp,
+                                   self.udp_splicer.from_host if splice else None),
+            scan=ns_udp, exclude=lambda: self.udp_out.ports)
+        self.udp_out = PortForwarder(
+            loop, conf.udp_out, "-U", families=(socket.AF_INET, socket.AF_INET6),
+            loopback_only=True, open_port=self._open_udp_ns,
+            scan=host_udp, exclude=lambda: self.udp_in.ports)
 
     def _ns_socket(self, family: int, type_: int) -> socket.socket:
         return self.ns.call(socket.socket, family, type_ | socket.SOCK_CLOEXEC)
+
+    def _open_udp_ns(self, family: int, addr: str, port: int, ifname: str | None,
+                     to_port: int):
+        sock = bind_udp(self._ns_socket, family, addr, port, ifname)
+        return self.udp_splicer.ns_listener(sock, to_port) if sock is not None else None
 
     def _accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
                      v6: bool) -> None:
@@ -94,11 +131,21 @@ class PastaForwarding:
             log.info("TCP forwarded to the namespace: %s", _ports(self.tcp_in))
         if self.tcp_out.bound:
             log.info("TCP forwarded from the namespace: %s", _ports(self.tcp_out))
+        if self.conf.services.udp:
+            self.udp_in.start()
+            self.udp_out.start()
+        if self.udp_in.bound:
+            log.info("UDP forwarded to the namespace: %s", _ports(self.udp_in))
+        if self.udp_out.bound:
+            log.info("UDP forwarded from the namespace: %s", _ports(self.udp_out))
 
     def close(self) -> None:
         self.tcp_in.close()
         self.tcp_out.close()
         self.splicer.close_all()
+        self.udp_in.close()
+        self.udp_out.close()
+        self.udp_splicer.close_all()
         for f in self.files:
             f.close()
 

@@ -82,7 +82,8 @@ class Session:
                                    _guest_state(self.conf, ns_mac))
         self.dataplane.start()
         self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
-                                          splice=not self.opts.get("no_splice"))
+                                          splice=not self.opts.get("no_splice"),
+                                          udp=self.dataplane.udp)
         try:
             self.forwarding.start()
         except BindError as exc:

@@ -1,0 +1,144 @@
+"""Datagram frames to the guest (UDP and ICMP echo replies) in preallocated buffers.
+
+One buffer per address family, laid out as
+
+    [tap headroom][Ethernet][IPv4 or IPv6][L4 header][payload ...]
+
+and large enough for the largest IP packet, so a socket read never
+truncates.  A handler reads the datagram straight into the buffer
+(`udp_payload4/6` behind an 8-byte UDP header; `l4_4/6` for a whole ICMP
+message as a ping socket returns it), then `send_udp`/`send_icmp` packs the
+headers in front of it with `struct.pack_into` and hands the buffer to the
+tap: no byte is copied in Python.
+
+`Header` holds what every frame of one flow shares (addresses, ports and the
+partial sums that do not change), built once per flow, so each frame costs
+two or three pack_into calls and a few additions.
+
+Checksums: when the tap takes partial checksums (pasta's virtio-net header),
+the L4 checksum field carries the folded pseudo-header sum (zero for ICMPv4,
+which has no pseudo-header) and the tap is told where the checksum starts
+and where it goes; otherwise (passt) the full checksum is computed here.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from common.packet.checksum import csum_add
+from common.tap import TapBackend
+
+ETH_LEN = 14
+UDP_LEN = 8
+MAX_IP_PACKET = 65535
+PROTO_ICMP, PROTO_UDP, PROTO_ICMPV6 = 1, 17, 58
+
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_UDP = struct.Struct("!HHHH")
+_U16 = struct.Struct("!H")
+
+
+def fold(s: int) -> int:
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def addr_sum(addr: bytes) -> int:
+    """Unfolded sum of the 16-bit words of a packed address."""
+    return sum(struct.unpack(f"!{len(addr) // 2}H", addr))
+
+
+class Header:
+    """Frames of one flow towards the guest: from `src`:`sport` to `dst`:`dport`.
+
+    `src` is the far end as the guest knows it, `dst` the guest.  For ICMP
+    the ports are unused.
+    """
+    __slots__ = ("v6", "proto", "src", "dst", "sport", "dport", "ip_sum", "pseudo_sum")
+
+    def __init__(self, v6: bool, proto: int, src: bytes, dst: bytes, sport: int = 0,
+                 dport: int = 0) -> None:
+        self.v6 = v6
+        self.proto = proto
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
+        words = addr_sum(src) + addr_sum(dst)
+        # IPv4 header words that never change: version/IHL/TOS, DF, TTL 64 and protocol
+        self.ip_sum = 0 if v6 else 0x4500 + 0x4000 + (64 << 8 | proto) + words
+        # ICMPv4 has no pseudo-header
+        self.pseudo_sum = 0 if proto == PROTO_ICMP else words + proto
+
+
+class DatagramWriter:
+    def __init__(self, tap: TapBackend, our_mac: bytes, guest) -> None:
+        self.tap = tap
+        self.guest = guest                   # GuestState: the destination MAC may change
+        self.offload = tap.csum_offload
+        h = tap.headroom
+        self.eth = h
+        self.l3 = h + ETH_LEN
+        self.l4_off4 = self.l3 + 20
+        self.l4_off6 = self.l3 + 40
+        self.buf4 = self._buffer(our_mac, 0x0800, self.l3 + MAX_IP_PACKET)
+        self.buf6 = self._buffer(our_mac, 0x86DD, self.l4_off6 + MAX_IP_PACKET)
+        v4, v6 = memoryview(self.buf4), memoryview(self.buf6)
+        self.view4, self.view6 = v4, v6
+        self.l4_4 = v4[self.l4_off4:]
+        self.l4_6 = v6[self.l4_off6:]
+        self.udp_payload4 = v4[self.l4_off4 + UDP_LEN:]
+        self.udp_payload6 = v6[self.l4_off6 + UDP_LEN:]
+        self.frames = 0
+
+    def _buffer(self, our_mac: bytes, ethertype: int, size: int) -> bytearray:
+        buf = bytearray(size)
+        buf[self.eth + 6:self.eth + 12] = our_mac
+        _U16.pack_into(buf, self.eth + 12, ethertype)
+        return buf
+
+    def _ip(self, buf: bytearray, hdr: Header, l4_len: int) -> None:
+        buf[self.eth:self.eth + 6] = self.guest.mac
+        if hdr.v6:
+            _IP6.pack_into(buf, self.l3, 0x60000000, l4_len, hdr.proto, 64, hdr.src, hdr.dst)
+        else:
+            total = 20 + l4_len
+            _IP4.pack_into(buf, self.l3, 0x45, 0, total, 0, 0x4000, 64, hdr.proto,
+                           fold(hdr.ip_sum + total) ^ 0xFFFF, hdr.src, hdr.dst)
+
+    def send_udp(self, hdr: Header, payload_len: int) -> bool:
+        """Send a datagram whose payload is already in udp_payload4/6."""
+        if hdr.v6:
+            buf, l4, view = self.buf6, self.l4_off6, self.view6
+        else:
+            buf, l4, view = self.buf4, self.l4_off4, self.view4
+        ulen = UDP_LEN + payload_len
+        self._ip(buf, hdr, ulen)
+        pseudo = fold(hdr.pseudo_sum + ulen)
+        end = l4 + ulen
+        self.frames += 1
+        if self.offload:
+            _UDP.pack_into(buf, l4, hdr.sport, hdr.dport, ulen, pseudo)
+            return self.tap.send(buf, self.eth, end, l4 - self.eth, 6)
+        _UDP.pack_into(buf, l4, hdr.sport, hdr.dport, ulen, 0)
+        _U16.pack_into(buf, l4 + 6, (fold(csum_add(view[l4:end], pseudo)) ^ 0xFFFF) or 0xFFFF)
+        return self.tap.send(buf, self.eth, end)
+
+    def send_icmp(self, hdr: Header, msg_len: int) -> bool:
+        """Send an ICMP/ICMPv6 message already in l4_4/6; its checksum is filled here."""
+        if hdr.v6:
+            buf, l4, view = self.buf6, self.l4_off6, self.view6
+        else:
+            buf, l4, view = self.buf4, self.l4_off4, self.view4
+        self._ip(buf, hdr, msg_len)
+        end = l4 + msg_len
+        self.frames += 1
+        if self.offload:
+            _U16.pack_into(buf, l4 + 2, fold(hdr.pseudo_sum + msg_len) if hdr.v6 else 0)
+            return self.tap.send(buf, self.eth, end, l4 - self.eth, 2)
+        _U16.pack_into(buf, l4 + 2, 0)
+        pseudo = hdr.pseudo_sum + msg_len if hdr.v6 else 0
+        _U16.pack_into(buf, l4 + 2, fold(csum_add(view[l4:end], pseudo)) ^ 0xFFFF)
+        return self.tap.send(buf, self.eth, end)

@@ -1,0 +1,259 @@
+"""The loopback fast path for UDP: host loopback <-> namespace loopback, socket to socket.
+
+When both ends of a forwarded UDP conversation are loopback (a host client
+on 127.0.0.1/::1 sending to a `-u` port, or a namespace client on its
+loopback sending to a `-U` port), no frame needs to exist.  Each such
+conversation is a flow:
+
+    client --(datagram)--> listening socket L   (the port the client sent to)
+    flow socket O, on the other side's loopback, bound where free to the
+    client's port, connected to loopback:to_port --> the server
+
+Datagrams from the client, read from L, are sent on O; the server's replies,
+read from O, go back to the client with sendto() on L, so the client hears
+from the port it talked to.  Each readable event drains its socket (up to a
+bound, the loop being level-triggered) through one preallocated buffer.
+
+`-u` listeners belong to `common.udp` (they also feed the tap path); they
+hand us datagrams from loopback clients through their `local` hook
+(`from_host`).  `-U` listeners live in the namespace and are ours
+(`ns_listener`).  Sockets in the namespace are made by the namespace thread,
+a few at a time (`_pool`), as in the TCP splice path.  Flows expire like tap
+flows (`common.udp.flow`): 30 s idle, 180 s once the server has answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+
+from common.loop import ERR, IN, Loop
+from common.udp.flow import Flow, FlowTable
+from common.udp.handler import (
+    EXPIRE_SCAN,
+    IDLE_TIMEOUT,
+    IDLE_TIMEOUT_REPLIED,
+    MAX_FLOWS,
+    UdpListener,
+    drain_errors,
+    set_buffers,
+)
+
+log = logging.getLogger("udp_splice")
+
+DRAIN_MAX = 256
+POOL_TARGET = 8
+BUF_SIZE = 65536
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+
+class SpliceFlow(Flow):
+    __slots__ = ("out", "out_fd", "back", "peer", "owner")
+
+    def __init__(self, key: tuple, now: float, out: socket.socket, back: socket.socket,
+                 peer: tuple, owner: object) -> None:
+        super().__init__(key, now)
+        self.out = out             # ours, connected to the server's loopback port
+        self.out_fd = out.fileno()
+        self.back = back           # the listening socket the client sent to
+        self.peer = peer           # the client's address, for replies
+        self.owner = owner         # the listener (has .closed)
+
+
+class NsListener:
+    """A -U port: a socket on the namespace's loopback whose clients reach the host's."""
+
+    def __init__(self, splicer: UdpSplicer, sock: socket.socket, to_port: int) -> None:
+        self.splicer = splicer
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.family = sock.family
+        self.to_port = to_port
+        self.closed = False
+        splicer.loop.add(self.fd, IN, self._event)
+
+    def _event(self, events: int) -> None:
+        if events & ERR:
+            drain_errors(self.sock)
+        if events & IN:
+            self.splicer.drain_ns_listener(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.splicer.forget_listener(self.fd)
+        self.splicer.loop.remove(self.fd)
+        self.sock.close()
+
+
+class UdpSplicer:
+    def __init__(self, loop: Loop, ns_sockets: Callable[[int, int], list[socket.socket]], *,
+                 max_flows: int = MAX_FLOWS, idle: float = IDLE_TIMEOUT,
+                 idle_replied: float = IDLE_TIMEOUT_REPLIED) -> None:
+        """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace."""
+        self.loop = loop
+        self.ns_sockets = ns_sockets
+        self.table: FlowTable[SpliceFlow] = FlowTable(limit=max_flows, idle=idle,
+                                                      idle_replied=idle_replied,
+                                                      on_close=self._release)
+        self.counters: Counter[str] = Counter()
+        self._buf = bytearray(BUF_SIZE)
+        self._view = memoryview(self._buf)
+        # listening socket fd -> client address -> flow
+        self._peers: dict[int, dict[tuple, SpliceFlow]] = {}
+        self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
+        self._timer = loop.call_every(EXPIRE_SCAN, self._expire)
+
+    # ------------------------------------------------------------ entry points
+
+    def from_host(self, listener: UdpListener, data: memoryview, peer: tuple) -> None:
+        """`local` hook of -u listeners: a datagram from a host loopback client."""
+        peers = self._peers.get(listener.fd)
+        flow = peers.get(peer) if peers is not None else None
+        if flow is None or flow.owner is not listener:
+            if flow is not None:                 # a closed listener's fd, reused
+                self.table.close(flow)
+            family = socket.AF_INET6 if listener.v6 else socket.AF_INET
+            flow = self._open(listener.fd, listener.sock, listener, peer, family,
+                              listener.to_port, self._ns_sock)
+            if flow is None:
+                return
+        self._forward(flow, data)
+
+    def ns_listener(self, sock: socket.socket, to_port: int) -> NsListener:
+        """A bound namespace loopback socket for a -U port."""
+        return NsListener(self, sock, to_port)
+
+    def drain_ns_listener(self, lst: NsListener) -> None:
+        view = self._view
+        recvfrom_into = lst.sock.recvfrom_into
+        peers = self._peers.get(lst.fd)
+        for _ in range(DRAIN_MAX):
+            try:
+                n, peer = recvfrom_into(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            flow = peers.get(peer) if peers is not None else None
+            if flow is None:
+                flow = self._open(lst.fd, lst.sock, lst, peer, lst.family, lst.to_port,
+                                  self._host_sock)
+                if flow is None:
+                    continue
+                peers = self._peers[lst.fd]
+            self._forward(flow, view[:n])
+
+    def forget_listener(self, fd: int) -> None:
+        for flow in list(self._peers.get(fd, {}).values()):
+            self.table.close(flow)
+        self._peers.pop(fd, None)
+
+    # ------------------------------------------------------------ flows
+
+    def _ns_sock(self, family: int) -> socket.socket:
+        pool = self._pool[family]
+        if not pool:
+            pool.extend(self.ns_sockets(family, POOL_TARGET))
+        return pool.pop()
+
+    @staticmethod
+    def _host_sock(family: int) -> socket.socket:
+        return socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+
+    def _open(self, fd: int, back: socket.socket, owner: object, peer: tuple, family: int,
+              to_port: int, make: Callable[[int], socket.socket]) -> SpliceFlow | None:
+        if not self.table.room():
+            self.counters["limit"] += 1
+            return None
+        try:
+            out = make(family)
+        except OSError as exc:
+            self.counters["socket_fail"] += 1
+            log.debug("udp splice: no socket: %s", exc)
+            return None
+        lo = LOOPBACK[family]
+        set_buffers(out)
+        try:
+            if family == socket.AF_INET6:
+                out.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                out.bind((lo, peer[1]))        # the client's port, where free
+            except OSError:
+                out.bind((lo, 0))
+            out.connect((lo, to_port))
+        except OSError as exc:
+            self.counters["connect_fail"] += 1
+            log.debug("udp splice: to port %d: %s", to_port, exc)
+            out.close()
+            return None
+        flow = SpliceFlow((fd, peer), time.monotonic(), out, back, peer, owner)
+        self.table.add(flow)
+        self._peers.setdefault(fd, {})[peer] = flow
+        self.loop.add(flow.out_fd, IN, partial(self._reply, flow))
+        self.counters["opened"] += 1
+        return flow
+
+    def _forward(self, flow: SpliceFlow, data: memoryview) -> None:
+        flow.last = time.monotonic()
+        try:
+            flow.out.send(data)
+        except BlockingIOError:
+            self.counters["sock_full"] += 1
+        except OSError:
+            # ECONNREFUSED: nobody listens on the other side (yet); the datagram is lost,
+            # as it would be on a link
+            self.counters["send_error"] += 1
+
+    def _reply(self, flow: SpliceFlow, _events: int) -> None:
+        if flow.closed:
+            return
+        if flow.owner.closed:          # the forwarded port went away
+            self.table.close(flow)
+            return
+        view = self._view
+        recv_into = flow.out.recv_into
+        sendto = flow.back.sendto
+        peer = flow.peer
+        got = 0
+        for _ in range(DRAIN_MAX):
+            try:
+                n = recv_into(view)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            got += 1
+            try:
+                sendto(view[:n], peer)
+            except OSError:
+                self.counters["reply_drop"] += 1
+        if got:
+            flow.last = time.monotonic()
+            if not flow.replied:
+                self.table.mark_replied(flow)
+
+    def _release(self, flow: SpliceFlow) -> None:
+        peers = self._peers.get(flow.key[0])
+        if peers is not None and peers.get(flow.peer) is flow:
+            del peers[flow.peer]
+        self.loop.remove(flow.out_fd)
+        flow.out.close()
+
+    def _expire(self) -> None:
+        self.table.expire(time.monotonic())
+
+    def close_all(self) -> None:
+        self._timer.cancel()
+        self.table.close_all()
+        self._peers.clear()
+        for pool in self._pool.values():
+            for s in pool:
+                s.close()
+            pool.clear()
