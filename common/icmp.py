@@ -33,12 +33,13 @@ from functools import partial
 
 from common import log as plog
 from common.conf import Config
+from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, FlowHeader
 from common.guest import GuestState
 from common.loop import IN, Loop
 from common.mapping import AddressMap
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
-from common.udp.frame import PROTO_ICMP, PROTO_ICMPV6, DatagramWriter, Header
+from common.udp.frame import DatagramWriter
 from common.udp.handler import destination, scope_id
 
 log = logging.getLogger("icmp")
@@ -55,7 +56,7 @@ PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 class EchoFlow(Flow):
     __slots__ = ("hdr", "sock", "fd", "ident")
 
-    def __init__(self, key: bytes, now: float, hdr: Header, sock: socket.socket,
+    def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
                  ident: int) -> None:
         super().__init__(key, now)
         self.hdr = hdr            # replies: from the pinged address to the guest
@@ -160,7 +161,7 @@ class IcmpHandler:
             log.debug("icmp: connect: %s", exc)
             sock.close()
             return None
-        hdr = Header(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, raddr, gaddr)
+        hdr = FlowHeader(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, raddr, gaddr)
         flow = EchoFlow(key, time.monotonic(), hdr, sock, ident)
         self.table.add(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))

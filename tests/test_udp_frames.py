@@ -15,13 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.packet.checksum import checksum, csum_add, csum_finish, l4_checksum4, l4_checksum6
 from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from common.packet.icmp import parse_icmp
 from common.packet.ipv4 import IPPROTO_ICMP, IPPROTO_UDP, parse_ipv4
 from common.packet.ipv6 import IPPROTO_ICMPV6, parse_ipv6
 from common.packet.udp import parse_udp
-from common.udp.frame import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, DatagramWriter, Header
+from common.udp.frame import DatagramWriter
 from common.udp.icmperr import (
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
@@ -108,7 +109,7 @@ def test_udp_frame(offload, v6):
     tap = FakeTap(offload)
     w = DatagramWriter(tap, OUR_MAC, Guest())
     src, dst = (A6, G6) if v6 else (A4, G4)
-    hdr = Header(v6, PROTO_UDP, src, dst, 53, 40000)
+    hdr = FlowHeader(v6, PROTO_UDP, src, dst, 53, 40000)
     payload = b"answer" * 100
     view = w.udp_payload6 if v6 else w.udp_payload4
     view[:len(payload)] = payload
@@ -128,7 +129,7 @@ def test_udp_frames_any_payload(payload, v6, offload, sport, dport, src, dst):
     w = DatagramWriter(tap, OUR_MAC, Guest())
     if not v6:
         src, dst = src[:4], dst[:4]
-    hdr = Header(v6, PROTO_UDP, src, dst, sport, dport)
+    hdr = FlowHeader(v6, PROTO_UDP, src, dst, sport, dport)
     (w.udp_payload6 if v6 else w.udp_payload4)[:len(payload)] = payload
     w.send_udp(hdr, len(payload))
     assert check_udp(tap.frames[0], src, dst, sport, dport) == payload
@@ -141,7 +142,7 @@ def test_largest_datagrams_fit():
     assert len(w.udp_payload6) == 65535 - 8
     big = bytes(range(256)) * 255 + b"x" * (65507 - 65280)
     w.udp_payload4[:len(big)] = big
-    w.send_udp(Header(False, PROTO_UDP, A4, G4, 1, 2), len(big))
+    w.send_udp(FlowHeader(False, PROTO_UDP, A4, G4, 1, 2), len(big))
     assert check_udp(tap.frames[0], A4, G4, 1, 2) == big
 
 
@@ -153,7 +154,7 @@ def test_icmp_echo_reply_frame(offload, v6):
     src, dst = (A6, G6) if v6 else (A4, G4)
     msg = struct.pack("!BBHHH", 129 if v6 else 0, 0, 0xDEAD, 0x1234, 7) + b"ping data" * 7
     (w.l4_6 if v6 else w.l4_4)[:len(msg)] = msg
-    hdr = Header(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, src, dst)
+    hdr = FlowHeader(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, src, dst)
     w.send_icmp(hdr, len(msg))
     ip, l4 = parse_frame(tap.frames[0])
     assert (ip.src, ip.dst) == (src, dst)
@@ -170,7 +171,7 @@ def test_destination_mac_follows_the_guest():
     tap = FakeTap()
     guest = Guest()
     w = DatagramWriter(tap, OUR_MAC, guest)
-    hdr = Header(False, PROTO_UDP, A4, G4, 1, 2)
+    hdr = FlowHeader(False, PROTO_UDP, A4, G4, 1, 2)
     w.send_udp(hdr, 0)
     guest.mac = bytes.fromhex("020000000001")
     w.send_udp(hdr, 0)

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import socket
 
-from common.tcp.segment import FlowHeader
+from common.flowheader import FlowHeader
 
 M32 = 0xFFFFFFFF
 

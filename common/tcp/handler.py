@@ -29,6 +29,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from common import log as plog
 from common.conf import Config
+from common.flowheader import PROTO_TCP, FlowHeader
 from common.guest import GuestState
 from common.loop import ET, IN, OUT, RDHUP, Loop
 from common.mapping import AddressMap, sockaddr
@@ -66,7 +67,6 @@ from common.tcp.segment import (
     PSH,
     RST,
     SYN,
-    FlowHeader,
     SegmentWriter,
 )
 
@@ -221,7 +221,7 @@ class TcpHandler:
             log.debug("tcp: no socket for new connection: %s", exc)
             self._rst_for_syn(v6, frame, l3, l4, seq)
             return
-        flow = FlowHeader(v6, raddr, gaddr, rport, gport)
+        flow = FlowHeader(v6, PROTO_TCP, raddr, gaddr, rport, gport)
         conn = TcpConn(key, sock, flow, inbound=False)
         conn.rcv_nxt = (seq + 1) & M32
         conn.guest_mss = opts.mss or (536 if not v6 else 1220)
@@ -710,7 +710,7 @@ class TcpHandler:
         except OSError:
             _close_abortive(sock)
             return
-        flow = FlowHeader(v6, src, gaddr, peer_port, to_port)
+        flow = FlowHeader(v6, PROTO_TCP, src, gaddr, peer_port, to_port)
         conn = TcpConn(key, sock, flow, inbound=True)
         isn = initial_seq(src + peer_port.to_bytes(2, "big"), gaddr + to_port.to_bytes(2, "big"))
         conn.snd_una = isn
@@ -814,7 +814,7 @@ class TcpHandler:
             src, dst = bytes(frame[l3 + 24:l3 + 40]), bytes(frame[l3 + 8:l3 + 24])
         else:
             src, dst = bytes(frame[l3 + 16:l3 + 20]), bytes(frame[l3 + 12:l3 + 16])
-        flow = FlowHeader(v6, src, dst, dport, sport)
+        flow = FlowHeader(v6, PROTO_TCP, src, dst, dport, sport)
         if flags & ACK:
             self.writer.send_ctrl(flow, ack, 0, RST, 0)
         else:

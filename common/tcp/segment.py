@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 
+from common.flowheader import FlowHeader, fold
 from common.packet.checksum import csum_add
 from common.tap import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, TapBackend
 
@@ -37,38 +38,6 @@ _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-
-
-def fold(s: int) -> int:
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
-
-
-def addr_sum(addr: bytes) -> int:
-    """Unfolded sum of the 16-bit words of a packed address."""
-    return sum(struct.unpack(f"!{len(addr) // 2}H", addr))
-
-
-class FlowHeader:
-    """What every segment of one flow shares: addresses, ports and partial sums.
-
-    Frames go from `src` (the far end, as the guest sees it) to `dst` (the
-    guest).  Built once per connection, it makes each segment's headers a
-    couple of pack_into calls and a few additions.
-    """
-    __slots__ = ("v6", "src", "dst", "sport", "dport", "ip_sum", "pseudo_sum")
-
-    def __init__(self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int) -> None:
-        self.v6 = v6
-        self.src = src
-        self.dst = dst
-        self.sport = sport
-        self.dport = dport
-        words = addr_sum(src) + addr_sum(dst)
-        # IPv4 header words that do not change: version/IHL/TOS, DF, TTL 64/proto 6
-        self.ip_sum = 0 if v6 else 0x4500 + 0x4000 + (64 << 8 | 6) + words
-        self.pseudo_sum = words + 6
 
 
 class SegmentWriter:

@@ -11,9 +11,9 @@ message as a ping socket returns it), then `send_udp`/`send_icmp` packs the
 headers in front of it with `struct.pack_into` and hands the buffer to the
 tap: no byte is copied in Python.
 
-`Header` holds what every frame of one flow shares (addresses, ports and the
-partial sums that do not change), built once per flow, so each frame costs
-two or three pack_into calls and a few additions.
+`FlowHeader` (common/flowheader) holds what every frame of one flow shares
+(addresses, ports and the partial sums that do not change), built once per
+flow, so each frame costs two or three pack_into calls and a few additions.
 
 Checksums: when the tap takes partial checksums (pasta's virtio-net header),
 the L4 checksum field carries the folded pseudo-header sum (zero for ICMPv4,
@@ -25,52 +25,18 @@ from __future__ import annotations
 
 import struct
 
+from common.flowheader import FlowHeader, fold
 from common.packet.checksum import csum_add
 from common.tap import TapBackend
 
 ETH_LEN = 14
 UDP_LEN = 8
 MAX_IP_PACKET = 65535
-PROTO_ICMP, PROTO_UDP, PROTO_ICMPV6 = 1, 17, 58
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _UDP = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
-
-
-def fold(s: int) -> int:
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
-
-
-def addr_sum(addr: bytes) -> int:
-    """Unfolded sum of the 16-bit words of a packed address."""
-    return sum(struct.unpack(f"!{len(addr) // 2}H", addr))
-
-
-class Header:
-    """Frames of one flow towards the guest: from `src`:`sport` to `dst`:`dport`.
-
-    `src` is the far end as the guest knows it, `dst` the guest.  For ICMP
-    the ports are unused.
-    """
-    __slots__ = ("v6", "proto", "src", "dst", "sport", "dport", "ip_sum", "pseudo_sum")
-
-    def __init__(self, v6: bool, proto: int, src: bytes, dst: bytes, sport: int = 0,
-                 dport: int = 0) -> None:
-        self.v6 = v6
-        self.proto = proto
-        self.src = src
-        self.dst = dst
-        self.sport = sport
-        self.dport = dport
-        words = addr_sum(src) + addr_sum(dst)
-        # IPv4 header words that never change: version/IHL/TOS, DF, TTL 64 and protocol
-        self.ip_sum = 0 if v6 else 0x4500 + 0x4000 + (64 << 8 | proto) + words
-        # ICMPv4 has no pseudo-header
-        self.pseudo_sum = 0 if proto == PROTO_ICMP else words + proto
 
 
 class DatagramWriter:
@@ -99,7 +65,7 @@ class DatagramWriter:
         _U16.pack_into(buf, self.eth + 12, ethertype)
         return buf
 
-    def _ip(self, buf: bytearray, hdr: Header, l4_len: int) -> None:
+    def _ip(self, buf: bytearray, hdr: FlowHeader, l4_len: int) -> None:
         buf[self.eth:self.eth + 6] = self.guest.mac
         if hdr.v6:
             _IP6.pack_into(buf, self.l3, 0x60000000, l4_len, hdr.proto, 64, hdr.src, hdr.dst)
@@ -108,7 +74,7 @@ class DatagramWriter:
             _IP4.pack_into(buf, self.l3, 0x45, 0, total, 0, 0x4000, 64, hdr.proto,
                            fold(hdr.ip_sum + total) ^ 0xFFFF, hdr.src, hdr.dst)
 
-    def send_udp(self, hdr: Header, payload_len: int) -> bool:
+    def send_udp(self, hdr: FlowHeader, payload_len: int) -> bool:
         """Send a datagram whose payload is already in udp_payload4/6."""
         if hdr.v6:
             buf, l4, view = self.buf6, self.l4_off6, self.view6
@@ -126,7 +92,7 @@ class DatagramWriter:
         _U16.pack_into(buf, l4 + 6, (fold(csum_add(view[l4:end], pseudo)) ^ 0xFFFF) or 0xFFFF)
         return self.tap.send(buf, self.eth, end)
 
-    def send_icmp(self, hdr: Header, msg_len: int) -> bool:
+    def send_icmp(self, hdr: FlowHeader, msg_len: int) -> bool:
         """Send an ICMP/ICMPv6 message already in l4_4/6; its checksum is filled here."""
         if hdr.v6:
             buf, l4, view = self.buf6, self.l4_off6, self.view6

@@ -58,13 +58,14 @@ from functools import partial
 
 from common import log as plog
 from common.conf import Config
+from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.guest import GuestState
 from common.loop import ERR, IN, Loop
 from common.mapping import AddressMap, sockaddr
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
-from common.udp.frame import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, DatagramWriter, Header
+from common.udp.frame import DatagramWriter
 from common.udp.icmperr import IP_RECVERR, IPV6_RECVERR, error_for_guest, parse_sock_error
 
 log = logging.getLogger("udp")
@@ -94,7 +95,7 @@ class UdpFlow(Flow):
     to `peer`."""
     __slots__ = ("hdr", "sock", "fd", "peer", "listener", "host")
 
-    def __init__(self, key: bytes, now: float, hdr: Header, sock: socket.socket,
+    def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
                  host: bytes, peer: tuple | None = None,
                  listener: UdpListener | None = None) -> None:
         super().__init__(key, now)
@@ -284,7 +285,7 @@ class UdpHandler:
                 log.log(plog.TRACE, "udp: connect to port %d: %s", host_port, exc)
             sock.close()
             return None
-        flow = UdpFlow(key, time.monotonic(), Header(v6, PROTO_UDP, raddr, gaddr, rport, gport),
+        flow = UdpFlow(key, time.monotonic(), FlowHeader(v6, PROTO_UDP, raddr, gaddr, rport, gport),
                        sock, host_addr)
         self.table.add(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))
@@ -422,7 +423,7 @@ class UdpHandler:
         if not self.table.room():
             self.counters["limit"] += 1
             return None
-        flow = UdpFlow(key, now, Header(v6, PROTO_UDP, src, guest, addr[1], listener.to_port),
+        flow = UdpFlow(key, now, FlowHeader(v6, PROTO_UDP, src, guest, addr[1], listener.to_port),
                        listener.sock, peer, peer=addr, listener=listener)
         self.table.add(flow)
         listener.peers[addr] = flow
