@@ -92,6 +92,7 @@ ACK_DELAYED = 0x2000    # an ACK is due in a moment, unless data carries it firs
 RECOVERING = 0x1000     # fast retransmit done, until everything sent before it is acknowledged
 DRAINED = 0x4000        # the last peek found nothing more: wait for the socket to say otherwise
 PEER_FIN = 0x8000       # the far end closed (EPOLLRDHUP): its FIN is queued after the data
+SOCK_FULL = 0x10000     # the kernel counts the socket's send buffer as full (not writable)
 
 OPENING = CONNECTING | SYNACK_SENT | SYN_SENT
 

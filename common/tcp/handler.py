@@ -52,6 +52,7 @@ from common.tcp.conn import (
     PEER_FIN,
     RECOVERING,
     SOCK_EOF,
+    SOCK_FULL,
     SYN_SENT,
     SYNACK_SENT,
     WND_CLOSED,
@@ -489,13 +490,23 @@ class TcpHandler:
     # ---------------------------------------------------------------- ACKs and window
 
     def _free_space(self, conn: TcpConn) -> int:
-        """Bytes the socket's send buffer can still take: the window we offer."""
+        """Bytes the socket's send buffer can still take: the window we offer.
+
+        Also records whether the kernel would call the socket full (writable
+        needs free space of at least half what is queued): only then will it
+        wake us with EPOLLOUT when the buffer drains, so only then may we
+        close our window and wait for that wake-up.
+        """
         sock = conn.sock
         try:
             sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             queued = _OUTQ.unpack(fcntl.ioctl(conn.fd, TIOCOUTQ, b"\0\0\0\0"))[0]
         except OSError:
             return 0
+        if queued * 3 > sndbuf * 2:
+            conn.state |= SOCK_FULL
+        else:
+            conn.state &= ~SOCK_FULL
         free = sndbuf - queued - (sndbuf >> 4)
         return free if free > 0 else 0
 
@@ -550,8 +561,9 @@ class TcpHandler:
         limit = 0xFFFF << wscale
         if free > limit:
             free = limit
-        if free < (conn.guest_mss << 1) and not conn.state & WND_CLOSED:
-            # re-arm so the kernel wakes us (EPOLLOUT) once the buffer drains
+        # SOCK_FULL is fresh whenever the window is small: _window measured it
+        if conn.state & SOCK_FULL and not conn.state & WND_CLOSED:
+            # re-arm: polling a full socket makes the kernel wake us once it drains
             conn.state |= WND_CLOSED
             self.loop.modify(conn.fd, SOCK_EVENTS)
             self.timed.add(conn)
@@ -750,8 +762,10 @@ class TcpHandler:
                     self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, RST | ACK, 0)
                 self._abort(conn)
                 continue
-            if st & WND_CLOSED and self._free_space(conn) >= conn.guest_mss << 1:
-                self._window_update(conn)
+            if st & WND_CLOSED:
+                conn.rcv_wnd = self._free_space(conn)
+                if not conn.state & SOCK_FULL:
+                    self._window_update(conn)
             if conn.rto_at and now >= conn.rto_at:
                 self._retransmit(conn, now)
             if not (conn.deadline or conn.rto_at or conn.state & WND_CLOSED):
