@@ -65,6 +65,13 @@ class PortForwarder:
     def ports(self) -> set[int]:
         return set(self.bound)
 
+    def describe_bound(self) -> str:
+        """The bound ports, for the log: a list, or a count and range when long."""
+        ports = sorted(self.bound)
+        if len(ports) > 8:
+            return f"{len(ports)} ports ({ports[0]}-{ports[-1]})"
+        return ", ".join(map(str, ports))
+
     def start(self) -> None:
         if self.spec.auto:
             if self.scan is None:

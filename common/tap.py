@@ -7,8 +7,11 @@ A backend moves whole Ethernet frames between the guest and us:
   frame (IFF_VNET_HDR).  With the header, frames we send may leave the TCP/UDP
   checksum to the kernel (`csum_offload`): the receiving stack in the
   namespace trusts a partial checksum exactly as for loopback traffic.
-- `StreamTap` (passt, in `passt/`): a UNIX stream socket where each frame
-  is preceded by its length as a 4-byte big-endian integer.
+- `StreamTap` (passt): a UNIX stream socket to QEMU where each frame is
+  preceded by its length as a 4-byte big-endian integer.  Checksums are never
+  offloaded (the guest verifies them).  Output that the socket cannot take at
+  once waits in a bounded queue, flushed on EPOLLOUT (`on_writable`); past the
+  bound, `send` drops the frame and returns False.
 
 The interface, used by the protocol handlers in `common/`:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -149,3 +153,206 @@ class TunTap:
     def close(self) -> None:
         self._file.close()
         os.close(self.fd)
+
+
+# ---------------------------------------------------------------- passt: UNIX stream
+
+
+STREAM_LEN = struct.Struct("!I")
+STREAM_RBUF = 1 << 20             # receive buffer: many frames per recv()
+STREAM_SNDBUF = 4 << 20           # asked of the kernel (capped by net.core.wmem_max)
+STREAM_PENDING_MAX = 4 << 20      # our own output queue, beyond the socket's buffer
+STREAM_RECV_BATCH = 16            # recv() calls per readable event
+
+
+class StreamTap:
+    """A connected UNIX stream socket to QEMU (passt): each frame after its length.
+
+    Reading: one preallocated buffer; each recv() takes as much as is there,
+    then every complete frame in the buffer goes to the sink as a view into
+    it, so several frames per read and a frame split across reads cost no
+    copy.  The unparsed tail moves to the front only when too little room is
+    left behind it for a largest frame.  A length beyond `FRAME_MAX` means
+    the stream lost its framing: `read` reports the link gone.
+
+    Writing: the length goes into the caller's headroom, one send() per
+    frame.  What the socket does not take (QEMU reads as fast as its guest
+    does) is queued, in order, up to `pending_max` bytes; while anything is
+    queued, new frames join the queue and we watch EPOLLOUT (the loop calls
+    `on_writable`).  A frame that does not fit is dropped and `send` returns
+    False: TCP then treats it as lost, so a slow guest gets back-pressure
+    through its own acknowledgements, never unbounded buffering.
+    """
+
+    def __init__(self, sock: socket.socket, loop=None, pcap: Pcap | None = None, *,
+                 pending_max: int = STREAM_PENDING_MAX, sndbuf: int = STREAM_SNDBUF) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop                  # common.loop.Loop, to watch EPOLLOUT while queued
+        self.pcap = pcap
+        self.headroom = HEADROOM
+        self.csum_offload = False
+        self.pending_max = pending_max
+        self.frames_in = self.frames_out = self.dropped_out = 0
+        self.bad_frames = 0
+        self.peak_queued = 0              # the most output ever waiting, bytes
+        self.on_drain: Callable[[], None] | None = None   # the queue just emptied
+        sock.setblocking(False)
+        if sndbuf:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            except OSError as exc:
+                log.debug("stream tap: SO_SNDBUF: %s", exc)
+        self._rbuf = bytearray(STREAM_RBUF + 4 + FRAME_MAX)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0                  # first unparsed byte
+        self._rend = 0                    # end of received data
+        self._pending = bytearray()
+        self._broken = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting for the socket to take them."""
+        return len(self._pending)
+
+    @property
+    def blocked(self) -> bool:
+        """True while output is queued: more frames only add to the wait."""
+        return bool(self._pending)
+
+    # ------------------------------------------------------------ reading
+
+    def read(self, sink: Sink) -> bool:
+        recv_into = self.sock.recv_into
+        view = self._rview
+        for _ in range(STREAM_RECV_BATCH):
+            end = self._rend
+            try:
+                n = recv_into(view[end:])
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as exc:
+                log.info("guest socket: %s", exc.strerror or exc)
+                return False
+            if n == 0:
+                if end > self._rstart:
+                    log.debug("guest socket closed inside a frame (%d bytes)",
+                              end - self._rstart)
+                return False
+            self._rend = end + n
+            if not self._deliver(sink):
+                return False
+        return True
+
+    def _deliver(self, sink: Sink) -> bool:
+        """Hand every complete frame in the buffer to `sink`."""
+        buf = self._rbuf
+        view = self._rview
+        pos = self._rstart
+        end = self._rend
+        pcap = self.pcap
+        unpack = STREAM_LEN.unpack_from
+        while end - pos >= 4:
+            (length,) = unpack(buf, pos)
+            if length > FRAME_MAX:
+                self.bad_frames += 1
+                log.error("guest sent a frame length of %d bytes (at most %d): "
+                          "dropping the connection", length, FRAME_MAX)
+                return False
+            if end - pos - 4 < length:
+                break
+            frame = view[pos + 4:pos + 4 + length]
+            pos += 4 + length
+            self.frames_in += 1
+            if pcap is not None:
+                pcap.write(frame)
+            sink(frame)
+        if pos == end:
+            self._rstart = self._rend = 0
+        else:
+            self._rstart = pos
+            if len(buf) - end < 4 + FRAME_MAX:
+                tail = end - pos
+                buf[:tail] = bytes(view[pos:end])
+                self._rstart, self._rend = 0, tail
+        return True
+
+    # ------------------------------------------------------------ writing
+
+    def send(self, buf: bytearray, start: int, end: int,
+             csum_start: int = 0, csum_offset: int = 0,
+             gso_type: int = 0, gso_size: int = 0) -> bool:
+        hdr = start - 4
+        length = end - start
+        STREAM_LEN.pack_into(buf, hdr, length)
+        mv = memoryview(buf)
+        return self._write(mv[hdr:end], mv[start:end])
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        data = STREAM_LEN.pack(len(frame)) + frame
+        return self._write(data, memoryview(data)[4:])
+
+    def _write(self, data, frame) -> bool:
+        """Send or queue `data` (length and frame); False when dropped."""
+        pending = self._pending
+        if self._broken:
+            self.dropped_out += 1
+            return False
+        if pending:
+            if len(pending) + len(data) > self.pending_max:
+                self.dropped_out += 1
+                return False
+            pending += data
+        else:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                # the guest went away: the read side reports it and ends the link
+                self._broken = True
+                self.dropped_out += 1
+                log.debug("guest socket write: %s", exc)
+                return False
+            if sent < len(data):
+                pending += data[sent:]
+                self._watch_out(True)
+        if len(pending) > self.peak_queued:
+            self.peak_queued = len(pending)
+        self.frames_out += 1
+        if self.pcap is not None:
+            self.pcap.write(frame)
+        return True
+
+    def on_writable(self) -> None:
+        """EPOLLOUT: move queued output into the socket."""
+        pending = self._pending
+        while pending:
+            try:
+                sent = self.sock.send(pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._broken = True
+                log.debug("guest socket write: %s", exc)
+                pending.clear()
+                break
+            del pending[:sent]
+        self._watch_out(False)
+        if self.on_drain is not None:
+            self.on_drain()
+
+    def _watch_out(self, on: bool) -> None:
+        loop = self.loop
+        if loop is not None and loop.watching(self.fd):
+            from common.loop import IN, OUT  # noqa: PLC0415 - tap does not need the loop otherwise
+
+            loop.modify(self.fd, IN | OUT if on else IN)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove(self.fd)
+        self.sock.close()

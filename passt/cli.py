@@ -1,15 +1,32 @@
 """`passt`: networking for QEMU guests over a UNIX stream socket.
 
-The command line is complete (libvirt's and people's invocations parse);
-serving a guest arrives with the passt issue, until then passt says so and
-exits non-zero.
+    passt [OPTIONS]
+
+The order of start-up matters and is spelled out in `run`: everything that
+can be refused because of bad input is refused before anything is created;
+we fork into the background (unless -f) before creating anything, so that
+the parent can report set-up failures with the child's exit status; the
+socket and the forwarded ports are bound while we may still be root; the
+pid file is written and privileges are dropped before the first guest is
+served; the parent exits 0 only once the socket is listening (libvirt
+starts QEMU as soon as passt returns).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+from typing import Any
 
+from common import log as logsetup
+from common.conf import Config, ConfigError, build_config, describe
+from common.helper import HelperError
+from common.hostinfo import discover
 from common.options import main_parse
+from common.process import Readiness, daemonize, remove_pid_file, write_pid_file
+from passt.session import SetupError
+
+log = logging.getLogger("passt")
 
 VERSION = "0.1.0"
 
@@ -19,8 +36,97 @@ def main(argv: list[str] | None = None) -> int:
     if opts.get("version"):
         print(f"passt {VERSION} (passt for Python)")
         return 0
-    print("passt: serving virtual machines is not implemented yet", file=sys.stderr)
-    return 1
+    try:
+        return run(opts)
+    except (SetupError, ConfigError, HelperError) as exc:
+        print(f"passt: {exc}", file=sys.stderr)
+        return 1
+
+
+def parse_fd(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) > 0x7FFFFFFF:
+        raise SetupError(f"invalid --fd: {text}")
+    return int(text)
+
+
+def build(opts: dict[str, Any]) -> Config:
+    from common.fwd import SpecError, forward_config  # noqa: PLC0415
+
+    iface = opts.get("interface")
+    try:
+        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface)
+    except HelperError as exc:
+        raise SetupError(str(exc)) from None
+    try:
+        return build_config("passt", opts, host, forward_parser=forward_config)
+    except SpecError as exc:
+        raise SetupError(str(exc)) from None
+
+
+def run(opts: dict[str, Any]) -> int:
+    fd = parse_fd(opts.get("fd"))
+    if fd is not None and opts.get("socket"):
+        raise SetupError("--fd and --socket can't be given together")
+    conf = build(opts)
+    logsetup.setup(conf.log, "passt")
+    for note in conf.notes:
+        log.warning(note)
+
+    from common import isolation  # noqa: PLC0415
+
+    run_as = isolation.target_ids(conf.process.runas)
+    readiness = Readiness(None)
+    if not conf.process.foreground:
+        readiness = daemonize()
+
+    from passt.session import Session  # noqa: PLC0415
+
+    session = Session(conf, socket_path=opts.get("socket"), fd=fd,
+                      one_off=bool(opts.get("one_off")), owner=run_as)
+    try:
+        session.setup()
+        session.handle_signals()
+    except (SetupError, OSError) as exc:
+        session.close()
+        print(f"passt: {exc}", file=sys.stderr)
+        readiness.failed(1)
+        return 1
+
+    for line in describe(conf):
+        log.info(line)
+    for line in session.instructions():
+        log.info(line)
+    if conf.process.pid_file:
+        try:
+            write_pid_file(conf.process.pid_file)
+        except OSError as exc:
+            session.close()
+            print(f"passt: cannot write pid file {conf.process.pid_file}: {exc.strerror}",
+                  file=sys.stderr)
+            readiness.failed(1)
+            return 1
+    if run_as is not None and conf.process.runas is None:
+        log.info("started as root: running as uid %d, gid %d from now on", *run_as)
+    try:
+        session.drop_privileges(run_as)
+    except OSError as exc:
+        session.close()
+        print(f"passt: cannot switch to uid {run_as[0] if run_as else '?'}: {exc.strerror}",
+              file=sys.stderr)
+        readiness.failed(1)
+        return 1
+    if not conf.process.foreground:
+        logsetup.detach(conf.log, "passt")
+        readiness.ready()
+    session.start()
+    try:
+        code = session.run()
+    finally:
+        session.close()
+        remove_pid_file(conf.process.pid_file)
+    return code
 
 
 if __name__ == "__main__":

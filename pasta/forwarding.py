@@ -128,16 +128,16 @@ class PastaForwarding:
             self.tcp_in.start()
             self.tcp_out.start()
         if self.tcp_in.bound:
-            log.info("TCP forwarded to the namespace: %s", _ports(self.tcp_in))
+            log.info("TCP forwarded to the namespace: %s", self.tcp_in.describe_bound())
         if self.tcp_out.bound:
-            log.info("TCP forwarded from the namespace: %s", _ports(self.tcp_out))
+            log.info("TCP forwarded from the namespace: %s", self.tcp_out.describe_bound())
         if self.conf.services.udp:
             self.udp_in.start()
             self.udp_out.start()
         if self.udp_in.bound:
-            log.info("UDP forwarded to the namespace: %s", _ports(self.udp_in))
+            log.info("UDP forwarded to the namespace: %s", self.udp_in.describe_bound())
         if self.udp_out.bound:
-            log.info("UDP forwarded from the namespace: %s", _ports(self.udp_out))
+            log.info("UDP forwarded from the namespace: %s", self.udp_out.describe_bound())
 
     def close(self) -> None:
         self.tcp_in.close()
@@ -149,9 +149,3 @@ class PastaForwarding:
         for f in self.files:
             f.close()
 
-
-def _ports(fwd: PortForwarder) -> str:
-    ports = sorted(fwd.bound)
-    if len(ports) > 8:
-        return f"{len(ports)} ports ({ports[0]}-{ports[-1]})"
-    return ", ".join(map(str, ports))

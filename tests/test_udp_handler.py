@@ -23,19 +23,12 @@ from common.packet.icmp import parse_icmp
 from common.packet.ipv4 import IPPROTO_ICMP
 from common.packet.ipv6 import IPPROTO_ICMPV6
 from common.udp import UdpHandler, udp_listener
-from tests.test_passt import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, make_conf
+from tests.support import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, make_conf, spin
 from tests.test_udp_frames import FakeTap, check_udp, parse_frame
 
 P_HOST4, P_GW4 = socket.inet_pton(socket.AF_INET, HOST4), socket.inet_pton(socket.AF_INET, GW4)
 P_HOST6, P_GW6 = (socket.inet_pton(socket.AF_INET6, HOST6),
                   socket.inet_pton(socket.AF_INET6, GW6))
-
-
-def spin(loop: Loop, seconds: float = 0.05) -> None:
-    """Run the loop for a while (it dispatches socket events and timers)."""
-    loop.call_later(seconds, lambda: loop.stop(0))
-    loop.run()
-    loop._exit_code = None      # noqa: SLF001 - let the next spin run again
 
 
 def free_port(family: int) -> int:

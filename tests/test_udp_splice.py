@@ -17,7 +17,7 @@ from common.loop import Loop
 from common.udp import udp_listener
 from common.udp.handler import bind_udp
 from pasta.udp_splice import UdpSplicer
-from tests.test_udp_handler import spin
+from tests.support import spin
 
 
 def plain_sockets(family: int, n: int) -> list[socket.socket]:

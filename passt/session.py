@@ -1,0 +1,222 @@
+"""One passt run: the guest socket, one guest at a time, and what lives across guests.
+
+`setup()` (still as the user who started us) opens the capture file, binds
+the UNIX socket (or adopts the `-F` descriptor) and the forwarded ports.
+`start()` begins serving: each accepted connection becomes a `StreamTap`
+with a fresh `DataPlane` (flows, observed guest MAC and addresses start
+over, as for a rebooted guest).  While a guest is connected, further
+connections are accepted and closed at once, so a probing qrap moves on
+to the next socket.  When the guest goes away we wait for the next one, or
+stop with `--one-off` and with `-F` (there is nothing to accept then).
+`close()` undoes what exists and is safe after a partial `setup()`.
+
+Privileges: the socket is created before we give up root, then handed to
+the user we run as (`--runas`, by default nobody), so that user owns it as
+with C passt, which switches user first.  A QEMU running as root can always
+connect; any other QEMU user needs `--runas` that user (or to start passt
+itself, as libvirt does).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+
+from common import isolation
+from common.conf import Config
+from common.dataplane import DataPlane
+from common.guest import GuestState
+from common.listeners import BindError
+from common.loop import IN, Loop
+from common.pcap import Pcap
+from common.tap import StreamTap
+from passt.forwarding import PasstForwarding
+from passt.sockpath import SocketPathError, bind_socket, qemu_hint, same_socket
+
+log = logging.getLogger("passt")
+
+
+class SetupError(Exception):
+    """Set-up failed; the message is one line."""
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """The already-connected stream socket given with -F."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise SetupError(f"--fd {fd}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SetupError(f"--fd {fd}: not a socket")
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise SetupError(f"--fd {fd}: not a stream socket")
+    try:
+        sock.getpeername()
+    except OSError:
+        sock.detach()
+        raise SetupError(f"--fd {fd}: socket is not connected") from None
+    os.set_inheritable(fd, False)
+    return sock
+
+
+class Session:
+    def __init__(self, conf: Config, *, socket_path: str | None = None,
+                 fd: int | None = None, one_off: bool = False,
+                 owner: tuple[int, int] | None = None, loop: Loop | None = None) -> None:
+        """`owner`: the uid/gid we will run as, who must own the socket."""
+        self.conf = conf
+        self.loop = loop or Loop()
+        self.socket_path = socket_path
+        self.fd = fd
+        self.one_off = one_off or fd is not None
+        self.owner = owner
+        self.listener: socket.socket | None = None
+        self.path: str | None = None
+        self._ino: tuple[int, int] | None = None
+        self.pcap: Pcap | None = None
+        self.tap: StreamTap | None = None
+        self.dataplane: DataPlane | None = None
+        self.forwarding: PasstForwarding | None = None
+        self.guests = 0
+        self._adopted: socket.socket | None = None
+
+    # ------------------------------------------------------------ set-up (privileged)
+
+    def setup(self) -> None:
+        raise_fd_limit()
+        if self.conf.pcap:
+            try:
+                self.pcap = Pcap(self.conf.pcap)
+            except OSError as exc:
+                raise SetupError(f"cannot open capture file {self.conf.pcap}: "
+                                 f"{exc.strerror}") from None
+        if self.fd is not None:
+            self._adopted = adopt_fd(self.fd)
+        else:
+            try:
+                self.listener, self.path = bind_socket(self.socket_path)
+            except SocketPathError as exc:
+                raise SetupError(str(exc)) from None
+            st = os.lstat(self.path)
+            self._ino = (st.st_dev, st.st_ino)
+            if self.owner is not None and (st.st_uid, st.st_gid) != self.owner:
+                try:
+                    os.chown(self.path, *self.owner)
+                except OSError as exc:
+                    log.warning("cannot hand socket %s to uid %d: %s", self.path,
+                                self.owner[0], exc.strerror)
+        self.forwarding = PasstForwarding(self.conf, self.loop, lambda: self.dataplane)
+        try:
+            self.forwarding.start()
+        except BindError as exc:
+            raise SetupError(str(exc)) from None
+
+    def handle_signals(self) -> None:
+        """Stop cleanly on SIGTERM, SIGINT and SIGHUP (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.on_signal(signum, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        log.info("%s: exiting", signal.Signals(signum).name)
+        self.loop.stop(0)
+
+    def instructions(self) -> list[str]:
+        if self.path is None:
+            return [f"using connected socket from file descriptor {self.fd}"]
+        return qemu_hint(self.path)
+
+    def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
+        isolation.switch_user(run_as)
+        isolation.drop_capabilities()
+
+    # ------------------------------------------------------------ serving
+
+    def start(self) -> None:
+        if self._adopted is not None:
+            sock, self._adopted = self._adopted, None
+            self._attach(sock)
+        elif self.listener is not None:
+            self.loop.add(self.listener.fileno(), IN, self._acceptable)
+
+    def _acceptable(self, _events: int) -> None:
+        assert self.listener is not None
+        for _ in range(16):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept: %s", exc.strerror)
+                return
+            if self.tap is not None:
+                log.info("another guest connected while one is served: closing it")
+                sock.close()
+                continue
+            self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        self.guests += 1
+        log.info("guest connected%s", f" (#{self.guests})" if self.guests > 1 else "")
+        self.tap = StreamTap(sock, self.loop, self.pcap)
+        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf))
+        self.dataplane.on_tap_gone = self._guest_gone
+        self.dataplane.start()
+
+    def _guest_gone(self) -> None:
+        log.info("guest disconnected")
+        self._detach()
+        if self.one_off:
+            self.loop.stop(0)
+        else:
+            log.info("waiting for the next guest")
+
+    def _detach(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop()
+            self.dataplane = None
+        if self.tap is not None:
+            tap = self.tap
+            log.debug("guest link: %d frames in, %d out, %d dropped, output queue peak %d "
+                      "bytes", tap.frames_in, tap.frames_out, tap.dropped_out, tap.peak_queued)
+            tap.close()
+            self.tap = None
+
+    def run(self) -> int:
+        return self.loop.run()
+
+    def close(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.close()
+            self.forwarding = None
+        self._detach()
+        if self._adopted is not None:
+            self._adopted.close()
+            self._adopted = None
+        if self.listener is not None:
+            self.loop.remove(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            if self.path is not None and same_socket(self.path, self._ino):
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass       # after dropping root the directory may not be ours
+        if self.pcap is not None:
+            self.pcap.close()
+            self.pcap = None
+        self.loop.close()
+
+
+def raise_fd_limit() -> None:
+    """Forwarding many ports and many connections need many descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
