@@ -74,20 +74,41 @@ def daemonize() -> Readiness:
     return Readiness(wfd)
 
 
-def write_pid_file(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+class PidFile:
+    """The -P file: opened (created) at start-up, so a bad path is refused before
+    anything exists and a privileged directory still works after we drop
+    privileges; written once we are ready; removed on failure, and on exit
+    when we may."""
 
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+        if path:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                  0o644)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot write pid file {path}: {exc.strerror}",
+                              path) from None
 
-def remove_pid_file(path: str | None) -> None:
-    if not path:
-        return
-    try:
-        with open(path) as f:
-            if f.read().strip() != str(os.getpid()):
-                return
-        os.unlink(path)
-    except OSError:
-        pass
+    def write(self) -> None:
+        if self.fd is not None:
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+            os.close(self.fd)
+            self.fd = None
+
+    def remove(self) -> None:
+        """Remove the file if it is still ours (unwritten, or holding our PID)."""
+        if not self.path:
+            return
+        try:
+            if self.fd is None:
+                with open(self.path) as f:
+                    if f.read().strip() != str(os.getpid()):
+                        return
+            else:
+                os.close(self.fd)
+                self.fd = None
+            os.unlink(self.path)
+        except OSError:
+            pass

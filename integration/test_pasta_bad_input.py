@@ -53,6 +53,14 @@ CASES = [
 ]
 
 
+def test_unwritable_pid_file(topo, pasta, tmp_path):
+    r = topo.host.run(*pasta, "--config-net", "-P", str(tmp_path / "no" / "such" / "dir.pid"),
+                      "--", "true", check=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write pid file" in lines[0], r.stderr
+
+
 @pytest.mark.parametrize("args,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input(topo, pasta, tmp_path, args, expected):
     pidfile = tmp_path / "marker.pid"

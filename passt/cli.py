@@ -23,7 +23,7 @@ from common.conf import Config, ConfigError, build_config, describe
 from common.helper import HelperError
 from common.hostinfo import discover
 from common.options import main_parse
-from common.process import Readiness, daemonize, remove_pid_file, write_pid_file
+from common.process import PidFile, Readiness, daemonize
 from passt.session import SetupError
 
 log = logging.getLogger("passt")
@@ -74,6 +74,11 @@ def run(opts: dict[str, Any]) -> int:
     for note in conf.notes:
         log.warning(note)
 
+    try:
+        pid_file = PidFile(conf.process.pid_file)
+    except OSError as exc:
+        raise SetupError(exc.strerror) from None
+
     from common import isolation  # noqa: PLC0415
 
     run_as = isolation.target_ids(conf.process.runas)
@@ -90,6 +95,7 @@ def run(opts: dict[str, Any]) -> int:
         session.handle_signals()
     except (SetupError, OSError) as exc:
         session.close()
+        pid_file.remove()
         print(f"passt: {exc}", file=sys.stderr)
         readiness.failed(1)
         return 1
@@ -98,21 +104,14 @@ def run(opts: dict[str, Any]) -> int:
         log.info(line)
     for line in session.instructions():
         log.info(line)
-    if conf.process.pid_file:
-        try:
-            write_pid_file(conf.process.pid_file)
-        except OSError as exc:
-            session.close()
-            print(f"passt: cannot write pid file {conf.process.pid_file}: {exc.strerror}",
-                  file=sys.stderr)
-            readiness.failed(1)
-            return 1
+    pid_file.write()
     if run_as is not None and conf.process.runas is None:
         log.info("started as root: running as uid %d, gid %d from now on", *run_as)
     try:
         session.drop_privileges(run_as)
     except OSError as exc:
         session.close()
+        pid_file.remove()
         print(f"passt: cannot switch to uid {run_as[0] if run_as else '?'}: {exc.strerror}",
               file=sys.stderr)
         readiness.failed(1)
@@ -125,7 +124,7 @@ def run(opts: dict[str, Any]) -> int:
         code = session.run()
     finally:
         session.close()
-        remove_pid_file(conf.process.pid_file)
+        pid_file.remove()
     return code
 
 

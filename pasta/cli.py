@@ -26,7 +26,7 @@ from common.fwd import forward_config
 from common.helper import HelperError
 from common.hostinfo import discover
 from common.options import main_parse
-from common.process import Readiness, daemonize, remove_pid_file, write_pid_file
+from common.process import PidFile, Readiness, daemonize
 
 log = logging.getLogger("pasta")
 
@@ -101,6 +101,10 @@ def run(opts: dict[str, Any]) -> int:
     for note in conf.notes:
         log.warning(note)
 
+    try:
+        pid_file = PidFile(conf.process.pid_file)
+    except OSError as exc:
+        raise SetupError(exc.strerror) from None
     # who we become is decided by who started us, before we join any user namespace
     from common import isolation  # noqa: PLC0415
 
@@ -117,6 +121,7 @@ def run(opts: dict[str, Any]) -> int:
     except NamespaceError as exc:
         if spawned is not None:
             spawned.abort()
+        pid_file.remove()
         raise SetupError(str(exc)) from None
 
     readiness = Readiness(None)
@@ -135,14 +140,24 @@ def run(opts: dict[str, Any]) -> int:
         print(f"pasta: {exc}", file=sys.stderr)
         if spawned is not None:
             spawned.abort()
+        pid_file.remove()
         readiness.failed(1)
         return 1
 
     for line in describe(conf):
         log.info(line)
-    if conf.process.pid_file:
-        write_pid_file(conf.process.pid_file)
-    session.drop_privileges(run_as)
+    pid_file.write()
+    try:
+        session.drop_privileges(run_as)
+    except OSError as exc:
+        print(f"pasta: cannot switch to uid {run_as[0] if run_as else '?'}: {exc.strerror}",
+              file=sys.stderr)
+        session.close()
+        pid_file.remove()
+        if spawned is not None:
+            spawned.abort()
+        readiness.failed(1)
+        return 1
 
     if spawned is not None:
         # the command owns the terminal's signals; we end when it ends
@@ -159,7 +174,7 @@ def run(opts: dict[str, Any]) -> int:
         code = session.run()
     finally:
         session.close()
-        remove_pid_file(conf.process.pid_file)
+        pid_file.remove()
     return code
 
 
