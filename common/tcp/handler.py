@@ -431,7 +431,8 @@ class TcpHandler:
                        plen: int, flags: int) -> None:
         st = conn.state
         if st & GUEST_FIN or not st & ESTABLISHED:
-            self._queue_ack(conn)
+            # after its FIN the guest can only be retransmitting: our ACK was lost
+            self._send_ack(conn)
             return
         offset = (seq - conn.rcv_nxt) & M32
         if offset:
@@ -442,7 +443,9 @@ class TcpHandler:
             skip = (-offset) & M32             # starts before rcv_nxt: trim what we had
             if skip >= plen:
                 if not (flags & FIN and skip == plen):
-                    self._queue_ack(conn)
+                    # a retransmission of what we have: our ACK was lost, say it again now
+                    self.counters["duplicate"] += 1
+                    self._send_ack(conn)
                     return
                 skip = plen
             data += skip
