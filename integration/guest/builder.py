@@ -51,11 +51,15 @@ class GuestBuildError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """$PASST_PY_GUEST_CACHE, else integration/.cache/ in the repository (git-ignored)."""
+    """$PASST_PY_GUEST_CACHE, else /var/tmp/passt-py-guest.
+
+    Not under /tmp: the qrap tests give QEMU a private /tmp (C qrap only looks
+    for /tmp/passt_N.socket), which would hide a cache there, or a checkout.
+    """
     env = os.environ.get("PASST_PY_GUEST_CACHE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache"
+    return Path("/var/tmp/passt-py-guest")
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
