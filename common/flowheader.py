@@ -19,10 +19,10 @@ TTL = 64
 
 
 def fold(s: int) -> int:
-    """Fold a one's complement sum to 16 bits (not complemented)."""
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
+    """Fold a one's complement sum (of any size) to 16 bits, not complemented."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
 
 
 def addr_sum(addr: bytes) -> int:

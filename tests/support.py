@@ -7,12 +7,17 @@ discovery.
 
 from __future__ import annotations
 
+import struct
 from ipaddress import IPv6Address
 
 from common.conf import Config, build_config
 from common.fwd import forward_config
 from common.hostinfo import FamilyInfo, HostInfo
 from common.loop import Loop
+from common.packet.checksum import csum_add, csum_finish
+from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
+from common.packet.ipv4 import parse_ipv4
+from common.packet.ipv6 import parse_ipv6
 
 HOST4, GW4, DNS4 = "192.0.2.10", "192.0.2.1", "192.0.2.53"
 HOST6, GW6 = "2001:db8:1::10", "fe80::1"
@@ -36,3 +41,44 @@ def spin(loop: Loop, seconds: float = 0.05) -> None:
     loop.call_later(seconds, lambda: loop.stop(0))
     loop.run()
     loop._exit_code = None      # noqa: SLF001 - let the next spin run again
+
+
+class FakeTap:
+    """Keeps frames; completes partial checksums like the kernel (skb_checksum_help)."""
+    headroom = 16
+
+    def __init__(self, offload: bool = False) -> None:
+        self.csum_offload = offload
+        self.frames: list[bytes] = []
+        self.partial: list[tuple[int, int]] = []
+        self.frames_in = self.frames_out = self.dropped_out = 0
+
+    def fileno(self) -> int:
+        return -1
+
+    def send(self, buf, start, end, csum_start=0, csum_offset=0, gso_type=0, gso_size=0):
+        frame = bytearray(buf[start:end])
+        if csum_start:
+            self.partial.append((csum_start, csum_offset))
+            csum = csum_finish(csum_add(frame[csum_start:])) or 0xFFFF
+            struct.pack_into("!H", frame, csum_start + csum_offset, csum)
+        self.frames.append(bytes(frame))
+        self.frames_out += 1
+        return True
+
+    def send_frame(self, frame) -> bool:
+        self.frames.append(bytes(frame))
+        self.frames_out += 1
+        return True
+
+
+def parse_frame(frame: bytes):
+    """(ip header, l4 bytes) after checking Ethernet and the IP header."""
+    eth, payload = parse_ethernet(frame)
+    assert eth.dst == GUEST_MAC and eth.src == OUR_MAC
+    if eth.ethertype == ETH_P_IP:
+        ip, l4 = parse_ipv4(payload, verify_checksum=True)
+        return ip, bytes(l4)
+    assert eth.ethertype == ETH_P_IPV6
+    ip, l4 = parse_ipv6(payload)
+    return ip, bytes(l4)

@@ -23,8 +23,17 @@ from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.packet.icmp import build_icmp4, build_icmp6
 from common.packet.ipv6 import IPPROTO_ICMPV6
 from pasta.ns import CLONE_NEWNET, unshare
-from tests.support import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, make_conf
-from tests.test_udp_frames import FakeTap, parse_frame
+from tests.support import (
+    GUEST_MAC,
+    GW4,
+    GW6,
+    HOST4,
+    HOST6,
+    OUR_MAC,
+    FakeTap,
+    make_conf,
+    parse_frame,
+)
 from tests.test_udp_handler import spin
 
 P_HOST4, P_GW4 = socket.inet_pton(socket.AF_INET, HOST4), socket.inet_pton(socket.AF_INET, GW4)

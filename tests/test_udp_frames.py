@@ -16,11 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
-from common.packet.checksum import checksum, csum_add, csum_finish, l4_checksum4, l4_checksum6
-from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
+from common.packet.checksum import checksum, l4_checksum4, l4_checksum6
 from common.packet.icmp import parse_icmp
 from common.packet.ipv4 import IPPROTO_ICMP, IPPROTO_UDP, parse_ipv4
-from common.packet.ipv6 import IPPROTO_ICMPV6, parse_ipv6
+from common.packet.ipv6 import IPPROTO_ICMPV6
 from common.packet.udp import parse_udp
 from common.udp.frame import DatagramWriter
 from common.udp.icmperr import (
@@ -31,58 +30,16 @@ from common.udp.icmperr import (
     error_for_guest,
     parse_sock_error,
 )
+from tests.support import GUEST_MAC, OUR_MAC, FakeTap, parse_frame
 
-OUR_MAC = bytes.fromhex("021122334455")
-GUEST_MAC = bytes.fromhex("525400123456")
 A4 = socket.inet_pton(socket.AF_INET, "192.0.2.1")
 G4 = socket.inet_pton(socket.AF_INET, "192.0.2.10")
 A6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
 G6 = socket.inet_pton(socket.AF_INET6, "2001:db8::10")
 
 
-class FakeTap:
-    """Keeps frames; completes partial checksums like the kernel (skb_checksum_help)."""
-    headroom = 16
-
-    def __init__(self, offload: bool = False) -> None:
-        self.csum_offload = offload
-        self.frames: list[bytes] = []
-        self.partial: list[tuple[int, int]] = []
-        self.frames_in = self.frames_out = self.dropped_out = 0
-
-    def fileno(self) -> int:
-        return -1
-
-    def send(self, buf, start, end, csum_start=0, csum_offset=0, gso_type=0, gso_size=0):
-        frame = bytearray(buf[start:end])
-        if csum_start:
-            self.partial.append((csum_start, csum_offset))
-            csum = csum_finish(csum_add(frame[csum_start:])) or 0xFFFF
-            struct.pack_into("!H", frame, csum_start + csum_offset, csum)
-        self.frames.append(bytes(frame))
-        self.frames_out += 1
-        return True
-
-    def send_frame(self, frame) -> bool:
-        self.frames.append(bytes(frame))
-        self.frames_out += 1
-        return True
-
-
 class Guest:
     mac = GUEST_MAC
-
-
-def parse_frame(frame: bytes):
-    """(ip header, l4 bytes) after checking Ethernet and the IP header."""
-    eth, payload = parse_ethernet(frame)
-    assert eth.dst == GUEST_MAC and eth.src == OUR_MAC
-    if eth.ethertype == ETH_P_IP:
-        ip, l4 = parse_ipv4(payload, verify_checksum=True)
-        return ip, bytes(l4)
-    assert eth.ethertype == ETH_P_IPV6
-    ip, l4 = parse_ipv6(payload)
-    return ip, bytes(l4)
 
 
 def check_udp(frame: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from ipaddress import IPv6Address
 
 import pytest
 
@@ -23,8 +24,19 @@ from common.packet.icmp import parse_icmp
 from common.packet.ipv4 import IPPROTO_ICMP
 from common.packet.ipv6 import IPPROTO_ICMPV6
 from common.udp import UdpHandler, udp_listener
-from tests.support import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, make_conf, spin
-from tests.test_udp_frames import FakeTap, check_udp, parse_frame
+from tests.support import (
+    GUEST_MAC,
+    GW4,
+    GW6,
+    HOST4,
+    HOST6,
+    OUR_MAC,
+    FakeTap,
+    make_conf,
+    parse_frame,
+    spin,
+)
+from tests.test_udp_frames import check_udp
 
 P_HOST4, P_GW4 = socket.inet_pton(socket.AF_INET, HOST4), socket.inet_pton(socket.AF_INET, GW4)
 P_HOST6, P_GW6 = (socket.inet_pton(socket.AF_INET6, HOST6),
@@ -46,11 +58,13 @@ class Setup:
         self.udp: UdpHandler = self.dp.udp
 
     def guest_sends(self, v6: bool, sport: int, dport: int, payload: bytes,
-                    dst: bytes | None = None) -> None:
+                    dst: bytes | None = None, src: bytes | None = None) -> None:
         if v6:
-            frame = udp6_frame(OUR_MAC, GUEST_MAC, P_HOST6, dst or P_GW6, sport, dport, payload)
+            frame = udp6_frame(OUR_MAC, GUEST_MAC, src or P_HOST6, dst or P_GW6, sport, dport,
+                               payload)
         else:
-            frame = udp4_frame(OUR_MAC, GUEST_MAC, P_HOST4, dst or P_GW4, sport, dport, payload)
+            frame = udp4_frame(OUR_MAC, GUEST_MAC, src or P_HOST4, dst or P_GW4, sport, dport,
+                               payload)
         self.dp.demux(memoryview(frame))
 
     def close(self) -> None:
@@ -215,6 +229,28 @@ def test_forwarded_port_to_guest_and_reply(setup, v6):
     assert data == b"from the guest" and peer[1] == lport
     listener.close()
     assert not s.udp.flows
+
+
+def test_forwarded_reply_from_another_guest_address(setup):
+    """A guest with a second address (SLAAC next to the configured one) may answer a
+    forwarded datagram from it: still the same conversation, out through the listener."""
+    s = setup()
+    listener = udp_listener(s.loop, host_socket, lambda: s.udp)(socket.AF_INET6, "::1", 0,
+                                                                None, 5556)
+    lport = listener.sock.getsockname()[1]
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.bind(("::1", 0))
+    client.settimeout(2)
+    cport = client.getsockname()[1]
+    client.sendto(b"question", ("::1", lport))
+    spin(s.loop)
+    other = IPv6Address("2001:db8:1::5054:ff:fe12:3456").packed
+    s.guest_sends(True, 5556, cport, b"answer", src=other)
+    data, peer = client.recvfrom(100)
+    assert data == b"answer" and peer[1] == lport
+    assert s.udp.counters["reply_from_other_addr"] == 1
+    listener.close()
+    client.close()
 
 
 def test_forwarded_port_local_hook_and_no_handler(setup):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 
 from common.flowheader import FlowHeader, fold
-from common.packet.checksum import csum_add
+from common.packet.checksum import csum_add, csum_finish
 from common.tap import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, TapBackend
 
 ETH_LEN = 14
@@ -114,7 +114,7 @@ class SegmentWriter:
                 ok = self.tap.send(buf, eth, end, l4 - eth, 16)
         else:
             _TCP.pack_into(buf, l4, flow.sport, flow.dport, seq, ack, doff, flags, window, 0, 0)
-            csum = fold(csum_add(memoryview(buf)[l4:end], pseudo)) ^ 0xFFFF
+            csum = csum_finish(csum_add(memoryview(buf)[l4:end], pseudo))
             struct.pack_into("!H", buf, l4 + 16, csum)
             ok = self.tap.send(buf, eth, end)
         self.frames += 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 
 from common.flowheader import FlowHeader, fold
-from common.packet.checksum import csum_add
+from common.packet.checksum import csum_add, csum_finish
 from common.tap import TapBackend
 
 ETH_LEN = 14
@@ -89,7 +89,7 @@ class DatagramWriter:
             _UDP.pack_into(buf, l4, hdr.sport, hdr.dport, ulen, pseudo)
             return self.tap.send(buf, self.eth, end, l4 - self.eth, 6)
         _UDP.pack_into(buf, l4, hdr.sport, hdr.dport, ulen, 0)
-        _U16.pack_into(buf, l4 + 6, (fold(csum_add(view[l4:end], pseudo)) ^ 0xFFFF) or 0xFFFF)
+        _U16.pack_into(buf, l4 + 6, csum_finish(csum_add(view[l4:end], pseudo)) or 0xFFFF)
         return self.tap.send(buf, self.eth, end)
 
     def send_icmp(self, hdr: FlowHeader, msg_len: int) -> bool:
@@ -106,5 +106,5 @@ class DatagramWriter:
             return self.tap.send(buf, self.eth, end, l4 - self.eth, 2)
         _U16.pack_into(buf, l4 + 2, 0)
         pseudo = hdr.pseudo_sum + msg_len if hdr.v6 else 0
-        _U16.pack_into(buf, l4 + 2, fold(csum_add(view[l4:end], pseudo)) ^ 0xFFFF)
+        _U16.pack_into(buf, l4 + 2, csum_finish(csum_add(view[l4:end], pseudo)))
         return self.tap.send(buf, self.eth, end)

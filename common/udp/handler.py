@@ -175,6 +175,9 @@ class UdpHandler:
         self.max4 = conf.mtu - 28          # largest payload the guest's link carries
         self.max6 = conf.mtu - 48
         self._listeners: set[UdpListener] = set()
+        # forwarded flows by (far end, ports) only: a guest with several addresses may
+        # answer from another one of its own (an unbound server picks its source)
+        self._inbound_replies: dict[bytes, UdpFlow] = {}
         self._timer = loop.call_every(expire_scan, self._expire)
         self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
         c4, c6 = conf.ip4, conf.ip6
@@ -264,6 +267,10 @@ class UdpHandler:
         alen = 16 if v6 else 4
         gaddr, raddr = bytes(frame[src:src + alen]), bytes(frame[dst:dst + alen])
         gport, rport = _PORTS.unpack_from(frame, l4)
+        inbound = self._inbound_replies.get(raddr + bytes(frame[l4:l4 + 4]))
+        if inbound is not None and not inbound.closed:
+            self.counters["reply_from_other_addr"] += 1
+            return inbound
         if self._bad_destination(v6, raddr):
             self.counters["multicast" if raddr[0] >= 224 else "bad_dst"] += 1
             return None
@@ -427,6 +434,7 @@ class UdpHandler:
                        listener.sock, peer, peer=addr, listener=listener)
         self.table.add(flow)
         listener.peers[addr] = flow
+        self._inbound_replies[src + _PORTS.pack(listener.to_port, addr[1])] = flow
         self.counters["opened_inbound"] += 1
         if plog.TRACE_ON:
             log.log(plog.TRACE, "udp: new inbound flow %r", flow)
@@ -494,6 +502,9 @@ class UdpHandler:
         if listener is not None:
             if listener.peers.get(flow.peer) is flow:
                 del listener.peers[flow.peer]
+            reply_key = flow.hdr.src + _PORTS.pack(flow.hdr.dport, flow.hdr.sport)
+            if self._inbound_replies.get(reply_key) is flow:
+                del self._inbound_replies[reply_key]
             return
         self.loop.remove(flow.fd)
         flow.sock.close()
@@ -501,6 +512,7 @@ class UdpHandler:
     def close_all(self) -> None:
         self._timer.cancel()
         self.table.close_all()
+        self._inbound_replies.clear()
         for listener in list(self._listeners):
             listener.owner = None
             listener.peers = {}
