@@ -200,7 +200,7 @@ def test_out_of_order_and_retransmitted_segments_get_immediate_acks(guest, serve
 def test_three_duplicate_acks_resend_only_the_hole(guest, server):
     g = guest()
     port = server.getsockname()[1]
-    isn = establish(g, port)
+    establish(g, port)
     peer, _ = server.accept()
     peer.sendall(os.urandom(300_000))
     g.run(0.1)
