@@ -321,16 +321,9 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
             our = next((h for h in net.hosts() if h != guest), guest)
         map_lo = gateway if map_lo4 == "default" else map_lo4
         dns_fwd = _one(fwd4s, "--dns-forward")
-        offered = list(dns4)
-        if dns_fwd is not None:
-            offered = [dns_fwd]
-        else:
-            # a loopback resolver (systemd-resolved, dnsmasq) is reached through the mapping
-            offered = [a if not a.is_loopback else map_lo for a in offered
-                       if not a.is_loopback or map_lo is not None]
         ip4 = Ip4Config(
             addr=guest, prefix_len=prefix4, gateway=gateway, our_addr=our,
-            dns=tuple(dict.fromkeys(offered)), dns_forward=dns_fwd,
+            dns=_offered_dns(dns4, dns_fwd, map_lo), dns_forward=dns_fwd,
             dns_host=_one(dnshost4s, "--dns-host") or (host_dns4[0] if host_dns4 else None),
             map_host_loopback=map_lo, map_guest_addr=_one(guest4s, "--map-guest-addr"),
             outbound=_one(out4s, "--outbound"),
@@ -362,15 +355,9 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
             else IPv6Address("fe80::1"))
         map_lo = gateway if map_lo6 == "default" else map_lo6
         dns_fwd = _one(fwd6s, "--dns-forward")
-        offered = list(dns6)
-        if dns_fwd is not None:
-            offered = [dns_fwd]
-        else:
-            offered = [a if not a.is_loopback else map_lo for a in offered
-                       if not a.is_loopback or map_lo is not None]
         ip6 = Ip6Config(
             addr=guest, prefix_len=prefix6, gateway=gateway, our_ll=our_ll,
-            dns=tuple(dict.fromkeys(offered)), dns_forward=dns_fwd,
+            dns=_offered_dns(dns6, dns_fwd, map_lo), dns_forward=dns_fwd,
             dns_host=_one(dnshost6s, "--dns-host") or (host_dns6[0] if host_dns6 else None),
             map_host_loopback=map_lo, map_guest_addr=_one(guest6s, "--map-guest-addr"),
             outbound=_one(out6s, "--outbound"),
@@ -424,6 +411,16 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
                               runas=parse_runas(opts["runas"]) if opts.get("runas") else None),
         notes=tuple(notes),
     )
+
+
+def _offered_dns(resolvers: list, dns_forward, map_loopback) -> tuple:
+    """The resolvers DHCP/NDP/DHCPv6 offer: the forward address when forwarding, else the
+    resolvers, a loopback one (systemd-resolved, dnsmasq) reached through the mapping."""
+    if dns_forward is not None:
+        return (dns_forward,)
+    offered = [map_loopback if a.is_loopback else a for a in resolvers
+               if not a.is_loopback or map_loopback is not None]
+    return tuple(dict.fromkeys(offered))
 
 
 def _host_mac(host: HostInfo, ifname: str) -> bytes | None:
