@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
-from common.helper import run_in_child
+from common.helper import Helper, run_in_child
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -133,9 +133,12 @@ def _discover_netlink(if4: str | None, if6: str | None) -> dict:
 
 
 def discover(if4: str | None = None, if6: str | None = None,
-             resolv_conf: str = "/etc/resolv.conf") -> HostInfo:
-    """Look at the host's interfaces, routes and resolv.conf."""
-    raw = run_in_child(_discover_netlink, if4, if6)
+             resolv_conf: str = "/etc/resolv.conf", helper: Helper | None = None) -> HostInfo:
+    """Look at the host's interfaces, routes and resolv.conf (netlink in `helper`)."""
+    if helper is not None:
+        raw = helper.call(_discover_netlink, if4, if6)
+    else:
+        raw = run_in_child(_discover_netlink, if4, if6)
     fams = {}
     for key in ("v4", "v6"):
         f = raw[key]

@@ -20,7 +20,7 @@ from typing import Any
 
 from common import log as logsetup
 from common.conf import Config, ConfigError, build_config, describe
-from common.helper import HelperError
+from common.helper import Helper, HelperError
 from common.hostinfo import discover
 from common.options import main_parse
 from common.process import PidFile, Readiness, daemonize
@@ -32,15 +32,20 @@ VERSION = "0.1.0"
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = main_parse("passt", argv)
-    if opts.get("version"):
-        print(f"passt {VERSION} (passt for Python)")
-        return 0
+    # host discovery (pyroute2) runs in a helper that loads it while we parse
+    helper = Helper(preload="pyroute2")
     try:
-        return run(opts)
-    except (SetupError, ConfigError, HelperError) as exc:
-        print(f"passt: {exc}", file=sys.stderr)
-        return 1
+        opts = main_parse("passt", argv)
+        if opts.get("version"):
+            print(f"passt {VERSION} (passt for Python)")
+            return 0
+        try:
+            return run(opts, helper)
+        except (SetupError, ConfigError, HelperError) as exc:
+            print(f"passt: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        helper.close()
 
 
 def parse_fd(text: str | None) -> int | None:
@@ -51,25 +56,28 @@ def parse_fd(text: str | None) -> int | None:
     return int(text)
 
 
-def build(opts: dict[str, Any]) -> Config:
+def build(opts: dict[str, Any], helper: Helper) -> Config:
     from common.fwd import SpecError, forward_config  # noqa: PLC0415
 
     iface = opts.get("interface")
     try:
-        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface)
+        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
+                        helper=helper)
     except HelperError as exc:
         raise SetupError(str(exc)) from None
+    finally:
+        helper.close()               # passt needs nothing more from netlink
     try:
         return build_config("passt", opts, host, forward_parser=forward_config)
     except SpecError as exc:
         raise SetupError(str(exc)) from None
 
 
-def run(opts: dict[str, Any]) -> int:
+def run(opts: dict[str, Any], helper: Helper) -> int:
     fd = parse_fd(opts.get("fd"))
     if fd is not None and opts.get("socket"):
         raise SetupError("--fd and --socket can't be given together")
-    conf = build(opts)
+    conf = build(opts, helper)
     logsetup.setup(conf.log, "passt")
     for note in conf.notes:
         log.warning(note)

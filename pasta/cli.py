@@ -23,7 +23,7 @@ from typing import Any
 from common import log as logsetup
 from common.conf import Config, ConfigError, build_config, describe
 from common.fwd import forward_config
-from common.helper import HelperError
+from common.helper import Helper, HelperError
 from common.hostinfo import discover
 from common.options import main_parse
 from common.process import PidFile, Readiness, daemonize
@@ -65,21 +65,27 @@ def split_target(opts: dict[str, Any]) -> tuple[int | None, list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = main_parse("pasta", argv)
-    if opts.get("version"):
-        print(f"pasta {VERSION} (passt for Python)")
-        return 0
+    # netlink work (pyroute2) happens in a helper that loads it while we parse
+    helper = Helper(preload="pyroute2")
     try:
-        return run(opts)
-    except (SetupError, ConfigError, HelperError) as exc:
-        print(f"pasta: {exc}", file=sys.stderr)
-        return 1
+        opts = main_parse("pasta", argv)
+        if opts.get("version"):
+            print(f"pasta {VERSION} (passt for Python)")
+            return 0
+        try:
+            return run(opts, helper)
+        except (SetupError, ConfigError, HelperError) as exc:
+            print(f"pasta: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        helper.close()
 
 
-def build(opts: dict[str, Any]) -> Config:
+def build(opts: dict[str, Any], helper: Helper) -> Config:
     iface = opts.get("interface")
     try:
-        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface)
+        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
+                        helper=helper)
     except HelperError as exc:
         raise SetupError(str(exc)) from None
     try:
@@ -88,12 +94,12 @@ def build(opts: dict[str, Any]) -> Config:
         raise SetupError(str(exc)) from None
 
 
-def run(opts: dict[str, Any]) -> int:
+def run(opts: dict[str, Any], helper: Helper) -> int:
     # Everything that can be refused is refused here, before anything exists.
     from pasta.ns import NamespaceError, SpawnedCommand, join_userns, open_target  # noqa: PLC0415
 
     pid, command = split_target(opts)
-    conf = build(opts)
+    conf = build(opts, helper)
     if opts.get("ns_mac_addr"):
         from common.conf import parse_mac  # noqa: PLC0415
         parse_mac(opts["ns_mac_addr"])
@@ -130,7 +136,7 @@ def run(opts: dict[str, Any]) -> int:
     try:
         from pasta.session import Session  # noqa: PLC0415
 
-        session = Session(conf, opts, target)
+        session = Session(conf, opts, target, helper)
         try:
             session.setup()
         except BaseException:

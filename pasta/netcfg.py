@@ -6,9 +6,10 @@ with our MTU and, if given, its MAC; with `--config-net` the host's addresses
 `--config-net` only `lo` and the MTU/MAC are set, and the guest configures
 itself through DHCP, SLAAC or DHCPv6.
 
-pyroute2 costs 25 MiB and a quarter of a second to import, so all of this
-runs in a short-lived child (`common.helper.run_in_child`) that enters the
-namespace, configures it and exits: none of that cost stays in pasta.
+pyroute2 costs 25 MiB and a tenth of a second or more to import, so all of
+this runs in the helper process (`common.helper.Helper`, forked at start-up
+with pyroute2 loaded meanwhile), which enters the namespace, configures it
+and exits: none of that cost stays in pasta.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 
 from common.conf import Config
-from common.helper import run_in_child
+from common.helper import Helper
 
 IFA_F_NODAD = 0x02
 
@@ -56,13 +57,15 @@ def plan(conf: Config, ifname: str, mac: str | None, *, config_net: bool,
     return p
 
 
-def _apply(netns_fd: int, plan_dict: dict) -> dict:
-    """Runs in the helper child: enter the namespace and apply the plan."""
+def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict:
+    """Runs in the helper: enter the namespaces and apply the plan."""
     from pyroute2 import IPRoute  # noqa: PLC0415 - deliberately lazy, see module docstring
     from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
 
-    from pasta.ns import CLONE_NEWNET, setns  # noqa: PLC0415
+    from pasta.ns import CLONE_NEWNET, CLONE_NEWUSER, setns  # noqa: PLC0415
 
+    if userns_fd is not None:          # rootless: the user namespace gives the right to enter
+        setns(userns_fd, CLONE_NEWUSER)
     setns(netns_fd, CLONE_NEWNET)
     p = NetPlan(**plan_dict)
     done: dict = {"addrs": [], "routes": []}
@@ -114,6 +117,7 @@ def _apply(netns_fd: int, plan_dict: dict) -> dict:
     return done
 
 
-def apply(netns_fd: int, net_plan: NetPlan) -> dict:
-    """Apply the plan inside the namespace, from a short-lived child process."""
-    return run_in_child(_apply, netns_fd, asdict(net_plan))
+def apply(helper: Helper, net_plan: NetPlan, netns_fd: int, userns_fd: int | None) -> dict:
+    """Apply the plan inside the namespace, from the helper process."""
+    fds = [netns_fd] if userns_fd is None else [netns_fd, userns_fd]
+    return helper.call(_apply, asdict(net_plan), fds=fds)

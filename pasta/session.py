@@ -19,6 +19,7 @@ from typing import Any
 from common import isolation
 from common.conf import Config, format_mac, parse_mac
 from common.dataplane import DataPlane
+from common.helper import Helper
 from common.listeners import BindError
 from common.loop import Loop
 from common.pcap import Pcap
@@ -36,10 +37,12 @@ COMMAND_EXIT_GRACE = 2.0     # seconds to let a finished command's connections d
 
 
 class Session:
-    def __init__(self, conf: Config, opts: dict[str, Any], target: Target) -> None:
+    def __init__(self, conf: Config, opts: dict[str, Any], target: Target,
+                 helper: Helper) -> None:
         self.conf = conf
         self.opts = opts
         self.target = target
+        self.helper = helper
         self.loop = Loop()
         self.ns: NsThread | None = None
         self.tap: TunTap | None = None
@@ -76,7 +79,8 @@ class Session:
         self.tap = TunTap(fd, vnet_hdr=True)
         if self.conf.pcap:
             self.pcap = self.tap.pcap = Pcap(self.conf.pcap)
-        done = netcfg.apply(self.target.netns_fd, plan)
+        done = netcfg.apply(self.helper, plan, self.target.netns_fd, self.target.userns_fd)
+        self.helper.close()           # its pyroute2 goes with it
         log.debug("namespace interface %s: %s", name, done)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap,
                                    _guest_state(self.conf, ns_mac))
