@@ -155,7 +155,7 @@ def test_foreground_and_pid_target(topo, pasta, procs, tmp_path):
     sleeper.terminate()
     sleeper.wait(5)
     # the target process is gone: so are we
-    assert p.wait(3) == 0
+    assert p.wait(3) == 0, p.stderr.read()
 
 
 def _ns_of(pid: int, kind: str) -> str | None:

@@ -64,10 +64,16 @@ class ProcessWatch:
         self.loop = loop
         self.pid = pid
         self.on_exit = on_exit
-        self.fd = os.pidfd_open(pid)
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:          # it exited (and was reaped) while we set up
+            self.fd = None
+            loop.call_later(0, on_exit)
+            return
         loop.add(self.fd, IN, self._event)
 
     def _event(self, _events: int) -> None:
+        assert self.fd is not None
         self.loop.remove(self.fd)
         os.close(self.fd)
         self.on_exit()
