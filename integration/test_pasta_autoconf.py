@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,23 @@ def test_pcap_of_dhcp_decodes(topo, procs, pasta, tmp_path):
     assert types[:4] == ["1", "2", "3", "5"], rows          # DISCOVER OFFER REQUEST ACK
     assert rows[1][1] == HOST4 and rows[1][2] == GW4
 
+
+
+def test_no_dhcp_means_no_lease(topo, procs, pasta, tmp_path):
+    target, _ = start_pasta(topo, procs, pasta, "--no-dhcp")
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    r = run(target.cmd("env", f"LEASE_OUT={tmp_path / 'lease.txt'}", "busybox", "udhcpc",
+                       "-i", "eth0", "-f", "-q", "-n", "-t", "2", "-T", "1", "-s", str(script)),
+            check=False, timeout=20)
+    assert r.returncode != 0 and not (tmp_path / "lease.txt").exists()
+
+
+def test_no_ra_means_no_slaac(topo, procs, pasta):
+    target, _ = start_pasta(topo, procs, pasta, "--no-ra")
+    target.run("ip", "link", "set", "eth0", "up")
+    # a router solicitation goes unanswered: the link keeps only its link-local address
+    time.sleep(3)
+    addrs = json.loads(target.run("ip", "-j", "-6", "addr", "show", "dev", "eth0").stdout)
+    assert not [a for a in addrs[0]["addr_info"] if a.get("scope") == "global"]
