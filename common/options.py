@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+VERSION = "0.1.0"
+
 BOTH = ("pasta", "passt")
 PASTA = ("pasta",)
 PASST = ("passt",)
@@ -209,3 +211,29 @@ def main_parse(mode: str, argv: list[str] | None = None) -> dict[str, Any]:
     except UsageError as exc:
         print(f"{mode}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def program_main(mode: str, argv: list[str] | None,
+                 run: Callable[[dict[str, Any], Any], int]) -> int:
+    """The whole of `pasta`/`passt`: parse, --version, run(opts, helper), one-line errors.
+
+    The netlink helper (pyroute2) is forked first so that it loads while we
+    parse; it is always closed on the way out.
+    """
+    from common.conf import ConfigError  # noqa: PLC0415
+    from common.helper import Helper, HelperError  # noqa: PLC0415
+    from common.process import SetupError  # noqa: PLC0415
+
+    helper = Helper(preload="pyroute2")
+    try:
+        opts = main_parse(mode, argv)
+        if opts.get("version"):
+            print(f"{mode} {VERSION} (passt for Python)")
+            return 0
+        try:
+            return run(opts, helper)
+        except (SetupError, ConfigError, HelperError) as exc:
+            print(f"{mode}: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        helper.close()

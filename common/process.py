@@ -14,6 +14,10 @@ import os
 import sys
 
 
+class SetupError(Exception):
+    """Set-up failed; the message is one line."""
+
+
 class Readiness:
     """The child's end of the handshake."""
 

@@ -19,33 +19,16 @@ import sys
 from typing import Any
 
 from common import log as logsetup
-from common.conf import Config, ConfigError, build_config, describe
+from common.conf import Config, build_config, describe
 from common.helper import Helper, HelperError
 from common.hostinfo import discover
-from common.options import main_parse
-from common.process import PidFile, Readiness, daemonize
-from passt.session import SetupError
+from common.options import program_main
+from common.process import PidFile, Readiness, SetupError, daemonize
 
 log = logging.getLogger("passt")
 
-VERSION = "0.1.0"
-
-
 def main(argv: list[str] | None = None) -> int:
-    # host discovery (pyroute2) runs in a helper that loads it while we parse
-    helper = Helper(preload="pyroute2")
-    try:
-        opts = main_parse("passt", argv)
-        if opts.get("version"):
-            print(f"passt {VERSION} (passt for Python)")
-            return 0
-        try:
-            return run(opts, helper)
-        except (SetupError, ConfigError, HelperError) as exc:
-            print(f"passt: {exc}", file=sys.stderr)
-            return 1
-    finally:
-        helper.close()
+    return program_main("passt", argv, run)
 
 
 def parse_fd(text: str | None) -> int | None:

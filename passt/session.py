@@ -34,15 +34,12 @@ from common.guest import GuestState
 from common.listeners import BindError
 from common.loop import IN, Loop
 from common.pcap import Pcap
+from common.process import SetupError
 from common.tap import StreamTap
 from passt.forwarding import PasstForwarding
 from passt.sockpath import SocketPathError, bind_socket, qemu_hint, same_socket
 
 log = logging.getLogger("passt")
-
-
-class SetupError(Exception):
-    """Set-up failed; the message is one line."""
 
 
 def adopt_fd(fd: int) -> socket.socket:

@@ -25,17 +25,10 @@ from common.conf import Config, ConfigError, build_config, describe
 from common.fwd import forward_config
 from common.helper import Helper, HelperError
 from common.hostinfo import discover
-from common.options import main_parse
-from common.process import PidFile, Readiness, daemonize
+from common.options import program_main
+from common.process import PidFile, Readiness, SetupError, daemonize
 
 log = logging.getLogger("pasta")
-
-VERSION = "0.1.0"
-
-
-class SetupError(Exception):
-    """Set-up failed; the message is one line."""
-
 
 def default_shell() -> str:
     shell = os.environ.get("SHELL")
@@ -65,20 +58,7 @@ def split_target(opts: dict[str, Any]) -> tuple[int | None, list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # netlink work (pyroute2) happens in a helper that loads it while we parse
-    helper = Helper(preload="pyroute2")
-    try:
-        opts = main_parse("pasta", argv)
-        if opts.get("version"):
-            print(f"pasta {VERSION} (passt for Python)")
-            return 0
-        try:
-            return run(opts, helper)
-        except (SetupError, ConfigError, HelperError) as exc:
-            print(f"pasta: {exc}", file=sys.stderr)
-            return 1
-    finally:
-        helper.close()
+    return program_main("pasta", argv, run)
 
 
 def build(opts: dict[str, Any], helper: Helper) -> Config:

@@ -23,6 +23,7 @@ from common.helper import Helper
 from common.listeners import BindError
 from common.loop import Loop
 from common.pcap import Pcap
+from common.process import SetupError
 from common.tap import TunTap
 from pasta import netcfg
 from pasta.forwarding import PastaForwarding
@@ -62,8 +63,6 @@ class Session:
         return "tap0"
 
     def setup(self) -> None:
-        from pasta.cli import SetupError  # noqa: PLC0415
-
         raise_fd_limit()
         self.ns = NsThread(self.target.netns_fd)
         try:
