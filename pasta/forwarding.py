@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 
 from common.conf import Config
 from common.listeners import PortForwarder, host_socket, tcp_listener
@@ -67,15 +68,8 @@ class PastaForwarding:
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
                                              (socket.AF_INET6, conf.ip6)) if c is not None)
-        ns_tcp = host_tcp = None
-        if conf.tcp_in.auto:
-            ns_files = ns.call(_open_ns_tables, ("tcp", "tcp6"))
-            self.files += ns_files
-            ns_tcp = lambda: scan_ports(ns_files)   # noqa: E731
-        if conf.tcp_out.auto:
-            host_files = [ProcNetFile.open("tcp"), ProcNetFile.open("tcp6")]
-            self.files += host_files
-            host_tcp = lambda: scan_ports(host_files)   # noqa: E731
+        ns_tcp = self._scanner(("tcp", "tcp6"), in_ns=True) if conf.tcp_in.auto else None
+        host_tcp = self._scanner(("tcp", "tcp6"), in_ns=False) if conf.tcp_out.auto else None
         self.tcp_in = PortForwarder(
             loop, conf.tcp_in, "-t", families=host_families, loopback_only=False,
             open_port=tcp_listener(loop, host_socket, self._accept_host),
@@ -87,15 +81,8 @@ class PastaForwarding:
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
                                                                       family, n))
-        ns_udp = host_udp = None
-        if conf.udp_in.auto:
-            ns_ufiles = ns.call(_open_ns_tables, ("udp", "udp6"))
-            self.files += ns_ufiles
-            ns_udp = lambda: scan_ports(ns_ufiles)   # noqa: E731
-        if conf.udp_out.auto:
-            host_ufiles = [ProcNetFile.open("udp"), ProcNetFile.open("udp6")]
-            self.files += host_ufiles
-            host_udp = lambda: scan_ports(host_ufiles)   # noqa: E731
+        ns_udp = self._scanner(("udp", "udp6"), in_ns=True) if conf.udp_in.auto else None
+        host_udp = self._scanner(("udp", "udp6"), in_ns=False) if conf.udp_out.auto else None
         self.udp_in = PortForwarder(
             loop, conf.udp_in, "-u", families=host_families, loopback_only=False,
             open_port=udp_listener(loop, host_socket, lambda: self.udp,
@@ -105,6 +92,16 @@ class PastaForwarding:
             loop, conf.udp_out, "-U", families=(socket.AF_INET, socket.AF_INET6),
             loopback_only=True, open_port=self._open_udp_ns,
             scan=host_udp, exclude=lambda: self.udp_in.ports)
+
+    def _scanner(self, tables: tuple[str, ...], *, in_ns: bool) -> Callable[[], set[int]]:
+        """A scan of the bound ports in /proc/net `tables`, of the namespace or the host;
+        the files are opened now (the namespace's by its thread) and kept."""
+        if in_ns:
+            files = self.ns.call(_open_ns_tables, tables)
+        else:
+            files = [ProcNetFile.open(t) for t in tables]
+        self.files += files
+        return lambda: scan_ports(files)
 
     def _ns_socket(self, family: int, type_: int) -> socket.socket:
         return self.ns.call(socket.socket, family, type_ | socket.SOCK_CLOEXEC)
