@@ -229,6 +229,49 @@ def test_reset_propagates(topo, procs, pasta, tmp_path, family, who_resets):
         assert out.split()[-1] == "ConnectionResetError", out
 
 
+SNIPPET_KEEPALIVE_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+time.sleep(6)              # five probes' worth: unanswered, the kernel resets after three
+s.sendall(b'still here')
+s.shutdown(socket.SHUT_WR)
+print(s.recv(100).decode())
+"""
+
+SNIPPET_ECHO_ONCE = """
+import socket, sys
+ls = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2]))); ls.listen(1)
+print('listening', flush=True)
+c, _ = ls.accept()
+c.settimeout(15)
+data = b''
+while chunk := c.recv(100):
+    data += chunk
+c.sendall(data.upper())
+c.close()
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_keepalive_probes_are_answered(topo, procs, pasta, tmp_path, family):
+    """The namespace's keep-alives (old sequence number, no data) get our ACK back."""
+    target = start_pasta(topo, procs, pasta, tmp_path)
+    bind = "127.0.0.1" if family == 4 else "::1"
+    srv = procs.start(topo.host.cmd(PY, "-c", SNIPPET_ECHO_ONCE, bind, "5712"), text=True)
+    assert srv.stdout.readline().strip() == "listening"
+    r = target.run(PY, "-c", SNIPPET_KEEPALIVE_CLIENT, GW4 if family == 4 else GW6, "5712",
+                   check=False)
+    assert r.stdout.strip() == "STILL HERE", r.stdout + r.stderr
+
+
 def test_remap_and_auto(topo, procs, pasta, tmp_path):
     """-t 6001:6002 reaches port 6002 in the namespace; -t auto follows a late listener."""
     target = start_pasta(topo, procs, pasta, tmp_path, "-t", "6001:6002")

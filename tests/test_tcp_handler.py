@@ -271,3 +271,67 @@ def test_zero_window_then_update_when_the_socket_drains(guest, server):
     updates = [t for t, _ in g.frames() if t.flags & ACK]
     assert updates and updates[-1].window > 0 and updates[-1].ack == seq
     peer.close()
+
+
+def test_a_keepalive_probe_gets_an_ack(guest, server):
+    """Keep-alives carry rcv_nxt - 1 and no data; unanswered, the guest gives up."""
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    g.send(port, ISN + 1, isn + 1, ACK, b"hello")
+    g.run()
+    g.frames()
+    g.send(port, ISN + 5, isn + 1, ACK)                         # seq = rcv_nxt - 1
+    (ack, payload), = g.frames()
+    assert ack.flags == ACK and ack.ack == ISN + 6 and not payload
+    g.send(port, ISN + 6, isn + 1, ACK)                         # a plain ACK: no answer
+    assert g.frames() == []
+    peer.close()
+
+
+def test_a_lost_window_update_is_repeated_for_the_zero_window_probe(guest, server):
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    seq = ISN + 1
+    for _ in range(400):
+        g.send(port, seq, isn + 1, ACK, b"z" * 60000)
+        last = [t for t, _ in g.frames() if t.flags & ACK][-1]
+        seq = last.ack
+        if last.window == 0:
+            break
+    assert last.window == 0
+    total, expected = 0, seq - (ISN + 1)
+    while total < expected:
+        got = peer.recv(1 << 20)
+        assert got
+        total += len(got)
+    g.run(0.2)
+    g.frames()                                      # the window update: lost on the way
+    g.send(port, seq - 1, isn + 1, ACK)             # the guest's zero-window probe
+    (answer, _), = g.frames()
+    assert answer.ack == seq and answer.window > 0
+    peer.close()
+
+
+def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
+    """The guest's window update can be lost too: we persist with zero-window probes."""
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    g.send(port, ISN + 1, isn + 1, ACK, window=0)              # the guest's buffer is full
+    peer.sendall(b"x" * 5000)
+    g.run(0.05)
+    assert [p for _, p in g.frames() if p] == []               # nothing sent into a shut window
+    g.run(0.4)
+    probes = g.frames()
+    assert probes and all(t.seq == isn and not p for t, p in probes)   # snd_una - 1, no data
+    g.send(port, ISN + 1, isn + 1, ACK, window=65535)         # the answer: open again
+    g.run(0.05)
+    data = b"".join(p for _, p in g.frames())
+    assert data == b"x" * 5000
+    peer.close()

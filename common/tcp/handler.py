@@ -192,6 +192,11 @@ class TcpHandler:
                 return
         if plen or flags & FIN:
             self._on_guest_data(conn, frame, seq, data, plen, flags)
+        elif seq != conn.rcv_nxt and conn.state & ESTABLISHED:
+            # a zero-window probe or keep-alive (both use rcv_nxt - 1): it wants our ACK,
+            # the only way the guest learns of a window update we sent and lost
+            self.counters["probe"] += 1
+            self._send_ack(conn)
 
     # ---------------------------------------------------------------- opening
 
@@ -375,6 +380,9 @@ class TcpHandler:
             grew = wnd > conn.snd_wnd
             conn.snd_wnd = wnd
             if grew:
+                if conn.snd_nxt == conn.snd_una:
+                    conn.rto_at = 0.0          # stop probing: a fresh RTO for what we send
+                    conn.rto = RTO_INITIAL
                 self._push(conn)
             return
         if plen == 0 and conn.snd_max != conn.snd_una:
@@ -630,6 +638,12 @@ class TcpHandler:
             self._send_fin(conn, wnd_field)
             return
         if room <= 0 or st & DRAINED:
+            if room <= 0 and conn.snd_nxt == conn.snd_una and not conn.rto_at:
+                # the guest's window is shut and nothing is in flight: persist, so that
+                # a lost window update cannot stall us (see _retransmit)
+                conn.rto = conn.rto or RTO_INITIAL
+                conn.rto_at = self.now + conn.rto
+                self.timed.add(conn)
             return
         if flow.v6:
             payload = writer.payload6
@@ -775,6 +789,18 @@ class TcpHandler:
                 self.timed.discard(conn)
 
     def _retransmit(self, conn: TcpConn, now: float) -> None:
+        st = conn.state
+        if (st & ESTABLISHED and not st & FIN_SENT and conn.snd_nxt == conn.snd_una
+                and conn.snd_wnd <= 0):
+            # zero-window probe (snd_una - 1, no data): the guest's answer repeats its window.
+            # Answered probes are no failure; a silent guest ends at the idle timeout
+            self.counters["window_probe"] += 1
+            conn.rto = min(conn.rto * 2, RTO_MAX)
+            conn.rto_at = now + conn.rto
+            wscale = self._our_wscale(conn)
+            self.writer.send_ctrl(conn.flow, (conn.snd_una - 1) & M32, conn.rcv_nxt, ACK,
+                                  min(conn.rcv_wnd >> wscale, 0xFFFF))
+            return
         conn.retries += 1
         if conn.retries > MAX_RETRIES:
             self.counters["retries_exceeded"] += 1
