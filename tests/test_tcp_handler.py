@@ -241,6 +241,29 @@ def test_host_reset_resets_the_guest(guest, server):
     assert not g.tcp.conns
 
 
+def shut_our_window(g: Guest, port: int, isn: int, peer: socket.socket) -> int:
+    """The host-side reader has stopped: send until our window is 0; the guest's next seq."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    seq = ISN + 1
+    for _ in range(400):
+        g.send(port, seq, isn + 1, ACK, b"z" * 60000)
+        last = [t for t, _ in g.frames() if t.flags & ACK][-1]
+        seq = last.ack
+        if last.window == 0:
+            return seq
+    raise AssertionError("our window never closed")
+
+
+def read_exactly(peer: socket.socket, expected: int) -> None:
+    """Every byte we acknowledged reaches the reader."""
+    total = 0
+    while total < expected:
+        got = peer.recv(1 << 20)
+        assert got
+        total += len(got)
+    assert total == expected
+
+
 def test_zero_window_then_update_when_the_socket_drains(guest, server):
     """The host side stops reading: our window shrinks to nothing, and reopens with an
     update once the reader catches up (no guest retransmission needed to learn it)."""
@@ -248,25 +271,8 @@ def test_zero_window_then_update_when_the_socket_drains(guest, server):
     port = server.getsockname()[1]
     isn = establish(g, port)
     peer, _ = server.accept()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    seq = ISN + 1
-    window = None
-    chunk = b"z" * 60000
-    for _ in range(400):
-        g.send(port, seq, isn + 1, ACK, chunk)
-        acks = [t for t, _ in g.frames() if t.flags & ACK]
-        seq = acks[-1].ack
-        window = acks[-1].window
-        if window == 0:
-            break
-    assert window == 0
-    # every byte we acknowledged reaches the reader
-    total, expected = 0, seq - (ISN + 1)
-    while total < expected:
-        got = peer.recv(1 << 20)
-        assert got
-        total += len(got)
-    assert total == expected
+    seq = shut_our_window(g, port, isn, peer)
+    read_exactly(peer, seq - (ISN + 1))
     g.run(0.2)
     updates = [t for t, _ in g.frames() if t.flags & ACK]
     assert updates and updates[-1].window > 0 and updates[-1].ack == seq
@@ -295,20 +301,8 @@ def test_a_lost_window_update_is_repeated_for_the_zero_window_probe(guest, serve
     port = server.getsockname()[1]
     isn = establish(g, port)
     peer, _ = server.accept()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    seq = ISN + 1
-    for _ in range(400):
-        g.send(port, seq, isn + 1, ACK, b"z" * 60000)
-        last = [t for t, _ in g.frames() if t.flags & ACK][-1]
-        seq = last.ack
-        if last.window == 0:
-            break
-    assert last.window == 0
-    total, expected = 0, seq - (ISN + 1)
-    while total < expected:
-        got = peer.recv(1 << 20)
-        assert got
-        total += len(got)
+    seq = shut_our_window(g, port, isn, peer)
+    read_exactly(peer, seq - (ISN + 1))
     g.run(0.2)
     g.frames()                                      # the window update: lost on the way
     g.send(port, seq - 1, isn + 1, ACK)             # the guest's zero-window probe
