@@ -237,9 +237,7 @@ class IcmpHandler:
             if not writer.send_icmp(hdr, n):
                 self.counters["tap_drop"] += 1
         if got:
-            flow.last = time.monotonic()
-            if not flow.replied:
-                self.table.mark_replied(flow)
+            self.table.reply_seen(flow, time.monotonic())
 
     # ================================================================ lifetime
 

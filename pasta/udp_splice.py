@@ -235,9 +235,7 @@ class UdpSplicer:
             except OSError:
                 self.counters["reply_drop"] += 1
         if got:
-            flow.last = time.monotonic()
-            if not flow.replied:
-                self.table.mark_replied(flow)
+            self.table.reply_seen(flow, time.monotonic())
 
     def _release(self, flow: SpliceFlow) -> None:
         peers = self._peers.get(flow.key[0])

@@ -92,6 +92,11 @@ class FlowTable(Generic[F]):
             flow.replied = True
             self._oneway.pop(flow.key, None)
 
+    def reply_seen(self, flow: F, now: float) -> None:
+        """Traffic came back on `flow` at `now`: it is alive, and a conversation."""
+        flow.last = now
+        self.mark_replied(flow)
+
     def remove(self, flow: F) -> None:
         """Forget a flow without calling on_close (its owner is closing it)."""
         if self.flows.get(flow.key) is flow:

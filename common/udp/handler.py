@@ -359,9 +359,7 @@ class UdpHandler:
             if not send(hdr, n):
                 self.counters["tap_drop"] += 1
         if got:
-            flow.last = time.monotonic()
-            if not flow.replied:
-                self.table.mark_replied(flow)
+            self.table.reply_seen(flow, time.monotonic())
 
     # ---------------------------------------------------------------- forwarded ports
 
