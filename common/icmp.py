@@ -40,7 +40,6 @@ from common.mapping import AddressMap
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
-from common.udp.handler import destination, scope_id
 
 log = logging.getLogger("icmp")
 
@@ -84,7 +83,6 @@ class IcmpHandler:
         c4, c6 = conf.ip4, conf.ip6
         self.out4 = str(c4.outbound) if c4 and c4.outbound else "0.0.0.0"
         self.out6 = str(c6.outbound) if c6 and c6.outbound else "::"
-        self.scope6 = scope_id(c6.outbound_if or c6.host_ifname if c6 else None)
 
     @property
     def flows(self) -> dict:
@@ -155,7 +153,7 @@ class IcmpHandler:
                 log.debug("icmp: no ping socket: %s", exc)
             return None
         try:
-            sock.connect(destination(v6, host_addr, 0, self.scope6))
+            sock.connect(self.map.host_sockaddr(v6, host_addr, 0))
         except OSError as exc:
             self.counters["connect_fail"] += 1
             log.debug("icmp: connect: %s", exc)

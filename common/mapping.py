@@ -60,6 +60,8 @@ class AddressMap:
                           or c4.our_addr.packed) if c4 else None
         self.fallback6 = (_packed(c6.map_host_loopback) or _packed(c6.gateway)
                           or c6.our_ll.packed) if c6 else None
+        # host-side link-local destinations are on the outbound (or the host's) interface
+        self.scope6 = scope_id((c6.outbound_if or c6.host_ifname) if c6 else None)
 
     # ------------------------------------------------------------ guest -> host
 
@@ -81,6 +83,13 @@ class AddressMap:
                 return self.dns_host4, port
         return dst, port
 
+    def host_sockaddr(self, v6: bool, addr: bytes, port: int) -> tuple:
+        """The sockaddr a host socket connects to; link-local IPv6 needs the interface."""
+        if v6:
+            scope = self.scope6 if addr[0] == 0xFE and addr[1] & 0xC0 == 0x80 else 0
+            return (socket.inet_ntop(socket.AF_INET6, addr), port, 0, scope)
+        return (socket.inet_ntop(socket.AF_INET, addr), port)
+
     # ------------------------------------------------------------ host -> guest
 
     def to_guest_source(self, v6: bool, src: bytes) -> bytes:
@@ -98,6 +107,9 @@ class AddressMap:
         return src
 
 
-def sockaddr(v6: bool, addr: bytes, port: int) -> tuple:
-    return ((socket.inet_ntop(socket.AF_INET6, addr), port, 0, 0) if v6
-            else (socket.inet_ntop(socket.AF_INET, addr), port))
+def scope_id(ifname: str | None) -> int:
+    """The index of the interface link-local destinations are reached on (0: unknown)."""
+    try:
+        return socket.if_nametoindex(ifname) if ifname else 0
+    except OSError:
+        return 0

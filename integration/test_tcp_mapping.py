@@ -24,7 +24,10 @@ s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
 s.settimeout(5)
 t0 = time.monotonic()
 try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
+    addr = (sys.argv[1], int(sys.argv[2]))
+    if len(sys.argv) > 3:                  # a link-local address: on this interface
+        addr += (0, socket.if_nametoindex(sys.argv[3]))
+    s.connect(addr)
     print(s.recv(200).decode().strip() or 'closed')
 except OSError as e:
     print(type(e).__name__, round(time.monotonic() - t0, 3))
@@ -37,8 +40,8 @@ def serve(procs, ns, bind: str, port: int, name: str):
     return p
 
 
-def connect(ns, addr: str, port: int) -> str:
-    return ns.run(sys.executable, "-c", CLIENT, addr, str(port)).stdout.strip()
+def connect(ns, addr: str, port: int, *ifname: str) -> str:
+    return ns.run(sys.executable, "-c", CLIENT, addr, str(port), *ifname).stdout.strip()
 
 
 def test_gateway_reaches_host_loopback_by_default(topo, procs, pasta, tmp_path):
@@ -54,6 +57,17 @@ def test_no_map_gw_reaches_the_real_gateway(topo, procs, pasta, tmp_path):
     serve(procs, topo.host, "127.0.0.1", 7002, "host-lo")
     name, peer = connect(target, GW4, 7002).split()
     assert name == "router" and peer == HOST4
+
+
+def test_no_map_gw_reaches_a_link_local_gateway(topo, procs, pasta, tmp_path):
+    """The usual IPv6 router is link-local: our connect() must name the interface."""
+    topo.router.run("ip", "addr", "add", "fe80::1/64", "dev", "veth-r", "nodad")
+    target = start_pasta(topo, procs, pasta, tmp_path, "--no-map-gw", "-g", "fe80::1")
+    serve(procs, topo.router, "::", 7008, "router")
+    wait_for(lambda: "tentative" not in target.run("ip", "-6", "addr").stdout,
+             what="the namespace's link-local address")
+    name, peer = connect(target, "fe80::1", 7008, "eth0").split()
+    assert name == "router" and peer.startswith("fe80:"), (name, peer)
 
 
 def test_map_host_loopback_address(topo, procs, pasta, tmp_path):

@@ -32,7 +32,7 @@ from common.conf import Config
 from common.flowheader import PROTO_TCP, FlowHeader
 from common.guest import GuestState
 from common.loop import ET, IN, OUT, RDHUP, Loop
-from common.mapping import AddressMap, sockaddr
+from common.mapping import AddressMap
 from common.packet.errors import MalformedPacket
 from common.packet.tcp import parse_tcp_options
 from common.tap import TapBackend
@@ -244,7 +244,7 @@ class TcpHandler:
             self.guest.observe_addr4(IPv4Address(gaddr))
         conn.sock_event = partial(self._sock_event, conn)
         self.loop.add(conn.fd, SOCK_EVENTS, conn.sock_event)
-        err = sock.connect_ex(sockaddr(v6, host_addr, host_port))
+        err = sock.connect_ex(self.map.host_sockaddr(v6, host_addr, host_port))
         if err == 0:
             self._connected(conn)
         elif err not in (errno.EINPROGRESS, errno.EAGAIN):

@@ -61,7 +61,7 @@ from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.guest import GuestState
 from common.loop import ERR, IN, Loop
-from common.mapping import AddressMap, sockaddr
+from common.mapping import AddressMap
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
@@ -142,21 +142,6 @@ def drain_errors(sock: socket.socket) -> None:
             return
 
 
-def destination(v6: bool, addr: bytes, port: int, scope: int) -> tuple:
-    """The sockaddr for a host-side destination; link-local IPv6 needs the interface."""
-    if v6 and addr[0] == 0xFE and addr[1] & 0xC0 == 0x80:
-        return (socket.inet_ntop(socket.AF_INET6, addr), port, 0, scope)
-    return sockaddr(v6, addr, port)
-
-
-def scope_id(ifname: str | None) -> int:
-    """The index of the interface link-local destinations are reached on (0: unknown)."""
-    try:
-        return socket.if_nametoindex(ifname) if ifname else 0
-    except OSError:
-        return 0
-
-
 class UdpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
@@ -185,7 +170,6 @@ class UdpHandler:
         self.out6 = str(c6.outbound) if c6 and c6.outbound else "::"
         self.out4_if = c4.outbound_if if c4 else None
         self.out6_if = c6.outbound_if if c6 else None
-        self.scope6 = scope_id(self.out6_if or (c6.host_ifname if c6 else None))
 
     @property
     def flows(self) -> dict:
@@ -285,7 +269,7 @@ class UdpHandler:
             log.debug("udp: no socket for a new flow: %s", exc)
             return None
         try:
-            sock.connect(destination(v6, host_addr, host_port, self.scope6))
+            sock.connect(self.map.host_sockaddr(v6, host_addr, host_port))
         except OSError as exc:
             self.counters["connect_fail"] += 1
             if plog.TRACE_ON:
