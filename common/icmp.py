@@ -80,9 +80,6 @@ class IcmpHandler:
         self.max6 = conf.mtu - 40
         self.forbidden_noted = False
         self._timer = loop.call_every(expire_scan, self._expire)
-        c4, c6 = conf.ip4, conf.ip6
-        self.out4 = str(c4.outbound) if c4 and c4.outbound else "0.0.0.0"
-        self.out6 = str(c6.outbound) if c6 and c6.outbound else "::"
 
     @property
     def flows(self) -> dict:
@@ -173,7 +170,7 @@ class IcmpHandler:
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP)
-        base = self.out6 if v6 else self.out4
+        base = (self.map.out6 if v6 else self.map.out4) or ("::" if v6 else "0.0.0.0")
         try:
             try:
                 sock.bind((base, ident))      # the kernel's identifier: the guest's, if free

@@ -62,6 +62,11 @@ class AddressMap:
                           or c6.our_ll.packed) if c6 else None
         # host-side link-local destinations are on the outbound (or the host's) interface
         self.scope6 = scope_id((c6.outbound_if or c6.host_ifname) if c6 else None)
+        # -o and --outbound-if4/6: where new host sockets for guest flows leave from
+        self.out4 = str(c4.outbound) if c4 and c4.outbound else None
+        self.out6 = str(c6.outbound) if c6 and c6.outbound else None
+        self.out4_if = c4.outbound_if if c4 else None
+        self.out6_if = c6.outbound_if if c6 else None
 
     # ------------------------------------------------------------ guest -> host
 
@@ -89,6 +94,27 @@ class AddressMap:
             scope = self.scope6 if addr[0] == 0xFE and addr[1] & 0xC0 == 0x80 else 0
             return (socket.inet_ntop(socket.AF_INET6, addr), port, 0, scope)
         return (socket.inet_ntop(socket.AF_INET, addr), port)
+
+    def bind_outbound(self, sock: socket.socket, v6: bool, port: int | None = None) -> None:
+        """Put a new host socket on the outbound device and source address.
+
+        With `port` it is always bound: to that port where free, else any
+        (datagram sockets keep the guest's port or identifier); without, only
+        when an outbound address is set (TCP leaves the port to connect()).
+        """
+        ifname = self.out6_if if v6 else self.out4_if
+        if ifname:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        addr = self.out6 if v6 else self.out4
+        if port is None:
+            if addr:
+                sock.bind((addr, 0))
+            return
+        addr = addr or ("::" if v6 else "0.0.0.0")
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            sock.bind((addr, 0))
 
     # ------------------------------------------------------------ host -> guest
 

@@ -126,16 +126,6 @@ class TcpHandler:
         self.now = time.monotonic()
         self._tick_timer = loop.call_every(TICK, self._tick)
         self._idle_timer = loop.call_every(IDLE_SCAN, self._idle_scan)
-        if conf.ip4 is not None:
-            self.out4_bind = (str(conf.ip4.outbound), 0) if conf.ip4.outbound else None
-            self.out4_if = conf.ip4.outbound_if
-        else:
-            self.out4_bind, self.out4_if = None, None
-        if conf.ip6 is not None:
-            self.out6_bind = (str(conf.ip6.outbound), 0, 0, 0) if conf.ip6.outbound else None
-            self.out6_if = conf.ip6.outbound_if
-        else:
-            self.out6_bind, self.out6_if = None, None
 
     # ================================================================ guest side
 
@@ -256,11 +246,7 @@ class TcpHandler:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-            bind, ifname = (self.out6_bind, self.out6_if) if v6 else (self.out4_bind, self.out4_if)
-            if ifname:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-            if bind:
-                sock.bind(bind)
+            self.map.bind_outbound(sock, v6)
         except OSError:
             sock.close()
             raise

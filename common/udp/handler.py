@@ -165,11 +165,6 @@ class UdpHandler:
         self._inbound_replies: dict[bytes, UdpFlow] = {}
         self._timer = loop.call_every(expire_scan, self._expire)
         self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
-        c4, c6 = conf.ip4, conf.ip6
-        self.out4 = str(c4.outbound) if c4 and c4.outbound else "0.0.0.0"
-        self.out6 = str(c6.outbound) if c6 and c6.outbound else "::"
-        self.out4_if = c4.outbound_if if c4 else None
-        self.out6_if = c6.outbound_if if c6 else None
 
     @property
     def flows(self) -> dict:
@@ -294,14 +289,7 @@ class UdpHandler:
             set_buffers(sock)
             if v6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            ifname = self.out6_if if v6 else self.out4_if
-            if ifname:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-            base = self.out6 if v6 else self.out4
-            try:
-                sock.bind((base, gport))        # the guest's source port, where free
-            except OSError:
-                sock.bind((base, 0))
+            self.map.bind_outbound(sock, v6, gport)    # the guest's source port, where free
         except BaseException:
             sock.close()
             raise
