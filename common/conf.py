@@ -20,8 +20,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
 
 from common.fwd import NONE as FWD_NONE
-from common.fwd import ForwardSpec
-from common.hostinfo import HostInfo, HostRoute
+from common.fwd import ForwardSpec, forward_config
+from common.helper import Helper
+from common.hostinfo import HostInfo, HostRoute, discover
 
 MTU_DEFAULT = 65520
 MTU_MIN = 68
@@ -232,6 +233,17 @@ def _one(values: list, what: str):
     if len(values) > 1:
         raise ConfigError(f"{what} given more than once for one address family")
     return values[0] if values else None
+
+
+def host_config(mode: str, opts: dict[str, Any], helper: Helper) -> Config:
+    """The Config for `mode`: the host as netlink shows it (asked of `helper`), and `opts`."""
+    iface = opts.get("interface")
+    host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
+                    helper=helper)
+    try:
+        return build_config(mode, opts, host, forward_parser=forward_config)
+    except ValueError as exc:       # fwd.SpecError
+        raise ConfigError(str(exc)) from None
 
 
 def build_config(mode: str, opts: dict[str, Any], host: HostInfo,

@@ -19,9 +19,8 @@ import sys
 from typing import Any
 
 from common import log as logsetup
-from common.conf import Config, build_config, describe
-from common.helper import Helper, HelperError
-from common.hostinfo import discover
+from common.conf import describe, host_config
+from common.helper import Helper
 from common.options import program_main
 from common.process import PidFile, Readiness, SetupError, daemonize
 
@@ -39,28 +38,14 @@ def parse_fd(text: str | None) -> int | None:
     return int(text)
 
 
-def build(opts: dict[str, Any], helper: Helper) -> Config:
-    from common.fwd import SpecError, forward_config  # noqa: PLC0415
-
-    iface = opts.get("interface")
-    try:
-        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
-                        helper=helper)
-    except HelperError as exc:
-        raise SetupError(str(exc)) from None
-    finally:
-        helper.close()               # passt needs nothing more from netlink
-    try:
-        return build_config("passt", opts, host, forward_parser=forward_config)
-    except SpecError as exc:
-        raise SetupError(str(exc)) from None
-
-
 def run(opts: dict[str, Any], helper: Helper) -> int:
     fd = parse_fd(opts.get("fd"))
     if fd is not None and opts.get("socket"):
         raise SetupError("--fd and --socket can't be given together")
-    conf = build(opts, helper)
+    try:
+        conf = host_config("passt", opts, helper)
+    finally:
+        helper.close()               # passt needs nothing more from netlink
     logsetup.setup(conf.log, "passt")
     for note in conf.notes:
         log.warning(note)

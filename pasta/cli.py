@@ -21,10 +21,8 @@ import sys
 from typing import Any
 
 from common import log as logsetup
-from common.conf import Config, ConfigError, build_config, describe
-from common.fwd import forward_config
+from common.conf import ConfigError, describe, host_config
 from common.helper import Helper, HelperError
-from common.hostinfo import discover
 from common.options import program_main
 from common.process import PidFile, Readiness, SetupError, daemonize
 
@@ -61,25 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     return program_main("pasta", argv, run)
 
 
-def build(opts: dict[str, Any], helper: Helper) -> Config:
-    iface = opts.get("interface")
-    try:
-        host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
-                        helper=helper)
-    except HelperError as exc:
-        raise SetupError(str(exc)) from None
-    try:
-        return build_config("pasta", opts, host, forward_parser=forward_config)
-    except ValueError as exc:   # fwd.SpecError
-        raise SetupError(str(exc)) from None
-
-
 def run(opts: dict[str, Any], helper: Helper) -> int:
     # Everything that can be refused is refused here, before anything exists.
     from pasta.ns import NamespaceError, SpawnedCommand, join_userns, open_target  # noqa: PLC0415
 
     pid, command = split_target(opts)
-    conf = build(opts, helper)
+    conf = host_config("pasta", opts, helper)
     if opts.get("ns_mac_addr"):
         from common.conf import parse_mac  # noqa: PLC0415
         parse_mac(opts["ns_mac_addr"])
