@@ -237,8 +237,8 @@ def _one(values: list, what: str):
 
 def host_config(mode: str, opts: dict[str, Any], helper: Helper) -> Config:
     """The Config for `mode`: the host as netlink shows it (asked of `helper`), and `opts`."""
-    iface = opts.get("interface")
-    host = discover(opts.get("outbound_if4") or iface, opts.get("outbound_if6") or iface,
+    iface = opts.get("interface")      # the template; else --outbound-if4/6 (pasta(1))
+    host = discover(iface or opts.get("outbound_if4"), iface or opts.get("outbound_if6"),
                     helper=helper)
     try:
         return build_config(mode, opts, host, forward_parser=forward_config)

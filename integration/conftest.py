@@ -161,6 +161,14 @@ class Topology:
         return ns
 
 
+def add_side_link(ns: Netns) -> None:
+    """A second host link, side0 (10.99.0.2/24), leading nowhere (no dummy links here: veth)."""
+    ns.run("ip", "link", "add", "side0", "type", "veth", "peer", "name", "side1")
+    ns.run("ip", "addr", "add", "10.99.0.2/24", "dev", "side0")
+    for dev in ("side0", "side1"):
+        ns.run("ip", "link", "set", dev, "up")
+
+
 @pytest.fixture
 def procs() -> Iterator[Procs]:
     p = Procs()

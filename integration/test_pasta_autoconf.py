@@ -20,6 +20,7 @@ from integration.conftest import (
     HOST4,
     HOST6,
     SEARCH,
+    add_side_link,
     run,
     wait_for,
 )
@@ -182,3 +183,15 @@ def test_no_ra_means_no_slaac(topo, procs, pasta):
     time.sleep(3)
     addrs = json.loads(target.run("ip", "-j", "-6", "addr", "show", "dev", "eth0").stdout)
     assert not [a for a in addrs[0]["addr_info"] if a.get("scope") == "global"]
+
+
+def test_interface_option_wins_over_outbound_if(topo, procs, pasta, tmp_path):
+    """pasta(1): --outbound-if4 also names the template interface, unless -i is given."""
+    add_side_link(topo.host)
+    target, _ = start_pasta(topo, procs, pasta, "-I", "eth0", "--outbound-if4", "side0")
+    (tmp_path / "side").mkdir()
+    assert udhcpc(target, tmp_path / "side")["ip"] == "10.99.0.2"
+    target, _ = start_pasta(topo, procs, pasta, "-I", "eth0", "-i", "eth0",
+                            "--outbound-if4", "side0")
+    (tmp_path / "eth0").mkdir()
+    assert udhcpc(target, tmp_path / "eth0")["ip"] == HOST4
