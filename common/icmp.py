@@ -170,12 +170,8 @@ class IcmpHandler:
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP)
-        base = (self.map.out6 if v6 else self.map.out4) or ("::" if v6 else "0.0.0.0")
         try:
-            try:
-                sock.bind((base, ident))      # the kernel's identifier: the guest's, if free
-            except OSError:
-                sock.bind((base, 0))
+            self.map.bind_outbound(sock, v6, ident)   # the kernel's identifier: the guest's
         except BaseException:
             sock.close()
             raise

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from integration.conftest import GW4, GW6, pid_alive, run, wait_for
+from integration.conftest import GW4, GW6, add_side_link, pid_alive, run, wait_for
 
 PY = sys.executable
 PORT = 5901
@@ -77,6 +77,17 @@ def test_ping_beyond_the_host(topo, procs, pasta, tmp_path, addr):
     target, _, _ = start_pasta(topo, procs, pasta, tmp_path, "--no-map-gw")
     code, out = ping(target, addr)
     assert code == 0 and "3 received" in out, out
+
+
+@pytest.mark.parametrize(("device", "answered"), [("eth0", True), ("side0", False)])
+def test_outbound_if_carries_pings(topo, procs, pasta, tmp_path, device, answered):
+    """--outbound-if4: echo requests leave through that device only, as TCP and UDP do."""
+    allow_ping_sockets(topo.host)
+    add_side_link(topo.host)
+    target, _, _ = start_pasta(topo, procs, pasta, tmp_path, "--no-map-gw", "-i", "eth0",
+                               "--outbound-if4", device)
+    code, out = ping(target, GW4, count=2)
+    assert (code == 0 and "2 received" in out) == answered, out
 
 
 @pytest.mark.parametrize("addr", [GW4, GW6])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from integration.conftest import GW4, HOST4, run, wait_for
+import pytest
+
+from integration.conftest import GW4, HOST4, add_side_link, run, wait_for
 from integration.test_tcp import ss_ports, start_pasta
 
 PEER_SERVER = """
@@ -68,6 +70,17 @@ def test_no_map_gw_reaches_a_link_local_gateway(topo, procs, pasta, tmp_path):
              what="the namespace's link-local address")
     name, peer = connect(target, "fe80::1", 7008, "eth0").split()
     assert name == "router" and peer.startswith("fe80:"), (name, peer)
+
+
+@pytest.mark.parametrize(("device", "reached"), [("eth0", True), ("side0", False)])
+def test_outbound_if_carries_connections(topo, procs, pasta, tmp_path, device, reached):
+    """--outbound-if4: host sockets leave through that device only (side0 leads nowhere)."""
+    add_side_link(topo.host)
+    target = start_pasta(topo, procs, pasta, tmp_path, "--no-map-gw", "-i", "eth0",
+                         "--outbound-if4", device)
+    serve(procs, topo.router, GW4, 7007, "router")
+    out = connect(target, GW4, 7007)
+    assert (out == f"router {HOST4}") == reached, out
 
 
 def test_map_host_loopback_address(topo, procs, pasta, tmp_path):
