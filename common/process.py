@@ -1,4 +1,5 @@
-"""Process life: daemonising with a readiness handshake, the pid file.
+"""Process life: what starts once the Config stands, daemonising with a readiness
+handshake, the pid file.
 
 `daemonize()` forks.  The parent stays until the child reports, then exits:
 0 once the child says it is ready (namespace configured, sockets listening),
@@ -10,8 +11,13 @@ does by pointing them at /dev/null.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.conf import Config
 
 
 class SetupError(Exception):
@@ -116,3 +122,20 @@ class PidFile:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def begin(conf: Config, prog: str) -> tuple[PidFile, tuple[int, int] | None]:
+    """What pasta and passt do first once the Config stands: set up logging and say its
+    notes, open the pid file (a bad path fails now, before anything exists), and decide
+    who we run as (from who started us: before we join any user namespace)."""
+    from common import isolation  # noqa: PLC0415
+    from common import log as logsetup  # noqa: PLC0415
+
+    logsetup.setup(conf.log, prog)
+    for note in conf.notes:
+        logging.getLogger(prog).warning(note)
+    try:
+        pid_file = PidFile(conf.process.pid_file)
+    except OSError as exc:
+        raise SetupError(exc.strerror) from None
+    return pid_file, isolation.target_ids(conf.process.runas)

@@ -22,7 +22,7 @@ from common import log as logsetup
 from common.conf import describe, host_config
 from common.helper import Helper
 from common.options import program_main
-from common.process import PidFile, Readiness, SetupError, daemonize
+from common.process import Readiness, SetupError, begin, daemonize
 
 log = logging.getLogger("passt")
 
@@ -46,18 +46,7 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
         conf = host_config("passt", opts, helper)
     finally:
         helper.close()               # passt needs nothing more from netlink
-    logsetup.setup(conf.log, "passt")
-    for note in conf.notes:
-        log.warning(note)
-
-    try:
-        pid_file = PidFile(conf.process.pid_file)
-    except OSError as exc:
-        raise SetupError(exc.strerror) from None
-
-    from common import isolation  # noqa: PLC0415
-
-    run_as = isolation.target_ids(conf.process.runas)
+    pid_file, run_as = begin(conf, "passt")
     readiness = Readiness(None)
     if not conf.process.foreground:
         readiness = daemonize()

@@ -24,7 +24,7 @@ from common import log as logsetup
 from common.conf import ConfigError, describe, host_config
 from common.helper import Helper, HelperError
 from common.options import program_main
-from common.process import PidFile, Readiness, SetupError, daemonize
+from common.process import Readiness, SetupError, begin, daemonize
 
 log = logging.getLogger("pasta")
 
@@ -68,18 +68,7 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
     if opts.get("ns_mac_addr"):
         from common.conf import parse_mac  # noqa: PLC0415
         parse_mac(opts["ns_mac_addr"])
-    logsetup.setup(conf.log, "pasta")
-    for note in conf.notes:
-        log.warning(note)
-
-    try:
-        pid_file = PidFile(conf.process.pid_file)
-    except OSError as exc:
-        raise SetupError(exc.strerror) from None
-    # who we become is decided by who started us, before we join any user namespace
-    from common import isolation  # noqa: PLC0415
-
-    run_as = isolation.target_ids(conf.process.runas)
+    pid_file, run_as = begin(conf, "pasta")
     spawned: SpawnedCommand | None = None
     try:
         if command is not None:
