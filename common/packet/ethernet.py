@@ -52,3 +52,11 @@ def pack_ethernet_into(buf: bytearray | memoryview, offset: int, dst: bytes, src
     """Write the 14-byte header at `buf[offset:]`."""
     _check_macs(dst, src)
     _HDR.pack_into(buf, offset, dst, src, ethertype)
+
+
+def frame_buffer(size: int, offset: int, src: bytes, ethertype: int) -> bytearray:
+    """A preallocated output buffer, its header at `offset` holding our source MAC and the
+    ethertype (the destination is written per frame: the guest's MAC may change)."""
+    buf = bytearray(size)
+    pack_ethernet_into(buf, offset, bytes(6), src, ethertype)
+    return buf

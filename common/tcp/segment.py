@@ -25,6 +25,7 @@ import struct
 
 from common.flowheader import FlowHeader, fold
 from common.packet.checksum import csum_add, csum_finish
+from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, frame_buffer
 from common.tap import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, TapBackend
 
 ETH_LEN = 14
@@ -51,21 +52,15 @@ class SegmentWriter:
         self.l3 = h + ETH_LEN
         self.l4_4 = self.l3 + 20
         self.l4_6 = self.l3 + 40
-        self.data4 = self._buffer(our_mac, 0x0800, self.l4_4 + TCP_LEN + PAYLOAD_MAX4)
-        self.data6 = self._buffer(our_mac, 0x86DD, self.l4_6 + TCP_LEN + PAYLOAD_MAX6)
-        self.ctrl4 = self._buffer(our_mac, 0x0800, self.l4_4 + 60)
-        self.ctrl6 = self._buffer(our_mac, 0x86DD, self.l4_6 + 60)
+        self.data4 = frame_buffer(self.l4_4 + TCP_LEN + PAYLOAD_MAX4, h, our_mac, ETH_P_IP)
+        self.data6 = frame_buffer(self.l4_6 + TCP_LEN + PAYLOAD_MAX6, h, our_mac, ETH_P_IPV6)
+        self.ctrl4 = frame_buffer(self.l4_4 + 60, h, our_mac, ETH_P_IP)
+        self.ctrl6 = frame_buffer(self.l4_6 + 60, h, our_mac, ETH_P_IPV6)
         self.payload_off4 = self.l4_4 + TCP_LEN
         self.payload_off6 = self.l4_6 + TCP_LEN
         self.payload4 = memoryview(self.data4)[self.payload_off4:]
         self.payload6 = memoryview(self.data6)[self.payload_off6:]
         self.frames = 0
-
-    def _buffer(self, our_mac: bytes, ethertype: int, size: int) -> bytearray:
-        buf = bytearray(size)
-        buf[self.eth + 6:self.eth + 12] = our_mac
-        struct.pack_into("!H", buf, self.eth + 12, ethertype)
-        return buf
 
     def send(self, flow: FlowHeader, seq: int, ack: int, flags: int, window: int,
              payload_len: int, mss: int) -> bool:

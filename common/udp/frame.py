@@ -27,6 +27,7 @@ import struct
 
 from common.flowheader import FlowHeader, fold
 from common.packet.checksum import csum_add, csum_finish
+from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, frame_buffer
 from common.tap import TapBackend
 
 ETH_LEN = 14
@@ -49,8 +50,8 @@ class DatagramWriter:
         self.l3 = h + ETH_LEN
         self.l4_off4 = self.l3 + 20
         self.l4_off6 = self.l3 + 40
-        self.buf4 = self._buffer(our_mac, 0x0800, self.l3 + MAX_IP_PACKET)
-        self.buf6 = self._buffer(our_mac, 0x86DD, self.l4_off6 + MAX_IP_PACKET)
+        self.buf4 = frame_buffer(self.l3 + MAX_IP_PACKET, h, our_mac, ETH_P_IP)
+        self.buf6 = frame_buffer(self.l4_off6 + MAX_IP_PACKET, h, our_mac, ETH_P_IPV6)
         v4, v6 = memoryview(self.buf4), memoryview(self.buf6)
         self.view4, self.view6 = v4, v6
         self.l4_4 = v4[self.l4_off4:]
@@ -58,12 +59,6 @@ class DatagramWriter:
         self.udp_payload4 = v4[self.l4_off4 + UDP_LEN:]
         self.udp_payload6 = v6[self.l4_off6 + UDP_LEN:]
         self.frames = 0
-
-    def _buffer(self, our_mac: bytes, ethertype: int, size: int) -> bytearray:
-        buf = bytearray(size)
-        buf[self.eth + 6:self.eth + 12] = our_mac
-        _U16.pack_into(buf, self.eth + 12, ethertype)
-        return buf
 
     def _ip(self, buf: bytearray, hdr: FlowHeader, l4_len: int) -> None:
         buf[self.eth:self.eth + 6] = self.guest.mac
