@@ -2,12 +2,16 @@
 
 Nothing here touches the machine's network: the host is described by hand
 (addresses from the documentation ranges), so Configs are built without
-discovery.
+discovery, and code that must open real sockets towards made-up addresses
+runs in `in_fresh_netns` (a thread with a network namespace of its own).
 """
 
 from __future__ import annotations
 
+import fcntl
+import socket
 import struct
+import threading
 from ipaddress import IPv6Address
 
 from common.conf import Config, build_config
@@ -18,6 +22,7 @@ from common.packet.checksum import csum_add, csum_finish
 from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from common.packet.ipv4 import parse_ipv4
 from common.packet.ipv6 import parse_ipv6
+from pasta.ns import CLONE_NEWNET, unshare
 
 HOST4, GW4, DNS4 = "192.0.2.10", "192.0.2.1", "192.0.2.53"
 HOST6, GW6 = "2001:db8:1::10", "fe80::1"
@@ -82,3 +87,33 @@ def parse_frame(frame: bytes):
     assert eth.ethertype == ETH_P_IPV6
     ip, l4 = parse_ipv6(payload)
     return ip, bytes(l4)
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
+
+
+def in_fresh_netns(fn, ping_groups: str | None = None):
+    """fn() in a thread with a network namespace of its own."""
+    out: dict = {}
+
+    def body() -> None:
+        try:
+            unshare(CLONE_NEWNET)           # this thread only
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+                flags = struct.unpack_from("16sH", ifr)[1]
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+            if ping_groups is not None:
+                # /proc/sys/net is the namespace of whoever opens it: this thread
+                with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+                    f.write(ping_groups)
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

@@ -7,11 +7,9 @@ so it can allow or forbid them without touching this machine's setting.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import socket
 import struct
-import threading
 
 import pytest
 
@@ -22,7 +20,6 @@ from common.packet.checksum import checksum, l4_checksum6
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.packet.icmp import build_icmp4, build_icmp6
 from common.packet.ipv6 import IPPROTO_ICMPV6
-from pasta.ns import CLONE_NEWNET, unshare
 from tests.support import (
     GUEST_MAC,
     GW4,
@@ -31,6 +28,7 @@ from tests.support import (
     HOST6,
     OUR_MAC,
     FakeTap,
+    in_fresh_netns,
     make_conf,
     parse_frame,
 )
@@ -39,36 +37,6 @@ from tests.test_udp_handler import spin
 P_HOST4, P_GW4 = socket.inet_pton(socket.AF_INET, HOST4), socket.inet_pton(socket.AF_INET, GW4)
 P_HOST6, P_GW6 = (socket.inet_pton(socket.AF_INET6, HOST6),
                   socket.inet_pton(socket.AF_INET6, GW6))
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
-
-
-def in_fresh_netns(fn, ping_groups: str | None = None):
-    """fn() in a thread with a network namespace of its own."""
-    out: dict = {}
-
-    def body() -> None:
-        try:
-            unshare(CLONE_NEWNET)           # this thread only
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
-                flags = struct.unpack_from("16sH", ifr)[1]
-                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
-            if ping_groups is not None:
-                # /proc/sys/net is the namespace of whoever opens it: this thread
-                with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-                    f.write(ping_groups)
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            out["error"] = exc
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(30)
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
 def echo_frame(v6: bool, ident: int, seq: int, data: bytes, dst: bytes | None = None) -> bytes:
     if v6:
         msg = build_icmp6(P_HOST6, dst or P_GW6, 128, 0, struct.pack("!HH", ident, seq), data)
