@@ -168,14 +168,17 @@ def test_refused_connection(topo, procs, pasta, tmp_path, family):
     assert name == "ConnectionRefusedError" and float(seconds) < 2.0, r.stdout
 
 
-SNIPPET_RESET_SERVER = """
+# a server for one connection: listens on argv[1]:argv[2], says so, accepts
+SNIPPET_ACCEPT_ONE = """
 import socket, struct, sys
 ls = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((sys.argv[1], int(sys.argv[2]))); ls.listen(1)
 print('listening', flush=True)
 c, _ = ls.accept()
-c.settimeout(10)
+"""
+
+SNIPPET_RESET_SERVER = SNIPPET_ACCEPT_ONE + """c.settimeout(10)
 if sys.argv[3] == 'reset':
     c.recv(1)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
@@ -244,14 +247,7 @@ s.shutdown(socket.SHUT_WR)
 print(s.recv(100).decode())
 """
 
-SNIPPET_ECHO_ONCE = """
-import socket, sys
-ls = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((sys.argv[1], int(sys.argv[2]))); ls.listen(1)
-print('listening', flush=True)
-c, _ = ls.accept()
-c.settimeout(15)
+SNIPPET_ECHO_ONCE = SNIPPET_ACCEPT_ONE + """c.settimeout(15)
 data = b''
 while chunk := c.recv(100):
     data += chunk
