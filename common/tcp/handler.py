@@ -269,6 +269,17 @@ class TcpHandler:
     def _our_wscale(self, conn: TcpConn) -> int:
         return OUR_WSCALE if conn.guest_wscale >= 0 else 0
 
+    def _wnd_field(self, conn: TcpConn) -> int:
+        """Our last estimated window as the header's 16-bit field, scaled."""
+        return min(conn.rcv_wnd >> self._our_wscale(conn), 0xFFFF)
+
+    def _arm_rto(self, conn: TcpConn) -> None:
+        """Start the retransmission (or persist) timer unless it is running."""
+        if not conn.rto_at:
+            conn.rto = conn.rto or RTO_INITIAL
+            conn.rto_at = self.now + conn.rto
+            self.timed.add(conn)
+
     def _send_synack(self, conn: TcpConn) -> None:
         wscale = OUR_WSCALE if conn.guest_wscale >= 0 else None
         mss = self.mss6 if conn.flow.v6 else self.mss4
@@ -385,8 +396,7 @@ class TcpHandler:
         data_end = conn.fin_seq if st & SOCK_EOF else conn.snd_max
         outstanding = (data_end - conn.snd_una) & M32
         flow = conn.flow
-        wscale = self._our_wscale(conn)
-        wnd_field = min(conn.rcv_wnd >> wscale, 0xFFFF)
+        wnd_field = self._wnd_field(conn)
         if outstanding == 0 or outstanding >= 0x80000000:
             if st & SOCK_EOF:
                 self.writer.send_ctrl(flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
@@ -578,8 +588,7 @@ class TcpHandler:
             # three duplicates: the guest resends what we could not take, at once
             for _ in range(3):
                 self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, ACK,
-                                      min(conn.rcv_wnd, 0xFFFF << self._our_wscale(conn))
-                                      >> self._our_wscale(conn))
+                                      self._wnd_field(conn))
 
     # ================================================================ host side
 
@@ -618,18 +627,15 @@ class TcpHandler:
         room = conn.snd_wnd - ((conn.snd_nxt - conn.snd_una) & M32)
         flow = conn.flow
         writer = self.writer
-        wscale = self._our_wscale(conn)
-        wnd_field = min(conn.rcv_wnd >> wscale, 0xFFFF)
+        wnd_field = self._wnd_field(conn)
         if st & SOCK_EOF and conn.snd_nxt == conn.fin_seq:
             self._send_fin(conn, wnd_field)
             return
         if room <= 0 or st & DRAINED:
-            if room <= 0 and conn.snd_nxt == conn.snd_una and not conn.rto_at:
+            if room <= 0 and conn.snd_nxt == conn.snd_una:
                 # the guest's window is shut and nothing is in flight: persist, so that
                 # a lost window update cannot stall us (see _retransmit)
-                conn.rto = conn.rto or RTO_INITIAL
-                conn.rto_at = self.now + conn.rto
-                self.timed.add(conn)
+                self._arm_rto(conn)
             return
         if flow.v6:
             payload = writer.payload6
@@ -667,10 +673,8 @@ class TcpHandler:
                 break
         if seq_after(conn.snd_nxt, conn.snd_max):
             conn.snd_max = conn.snd_nxt
-        if conn.snd_nxt != conn.snd_una and not conn.rto_at:
-            conn.rto = conn.rto or RTO_INITIAL
-            conn.rto_at = self.now + conn.rto
-            self.timed.add(conn)
+        if conn.snd_nxt != conn.snd_una:
+            self._arm_rto(conn)
 
     def _send_fin(self, conn: TcpConn, wnd_field: int) -> None:
         self.writer.send_ctrl(conn.flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
@@ -679,10 +683,7 @@ class TcpHandler:
         conn.snd_nxt = (conn.fin_seq + 1) & M32
         if seq_after(conn.snd_nxt, conn.snd_max):
             conn.snd_max = conn.snd_nxt
-        if not conn.rto_at:
-            conn.rto = conn.rto or RTO_INITIAL
-            conn.rto_at = self.now + conn.rto
-            self.timed.add(conn)
+        self._arm_rto(conn)
 
     def _rewind(self, conn: TcpConn) -> None:
         """Go back to the oldest unacknowledged byte: peek it again and resend."""
@@ -783,9 +784,8 @@ class TcpHandler:
             self.counters["window_probe"] += 1
             conn.rto = min(conn.rto * 2, RTO_MAX)
             conn.rto_at = now + conn.rto
-            wscale = self._our_wscale(conn)
             self.writer.send_ctrl(conn.flow, (conn.snd_una - 1) & M32, conn.rcv_nxt, ACK,
-                                  min(conn.rcv_wnd >> wscale, 0xFFFF))
+                                  self._wnd_field(conn))
             return
         conn.retries += 1
         if conn.retries > MAX_RETRIES:
