@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 PKGS="iproute2 busybox-static socat tshark iperf3 isc-dhcp-client passt slirp4netns
       qemu-system-x86 uidmap procps util-linux python3-venv python3-dev libcap-dev gcc
-      curl dnsutils cpio xz-utils zstd podman runc"
+      curl dnsutils cpio xz-utils zstd podman runc iputils-ping"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
     apt-get update -qq
