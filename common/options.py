@@ -1,19 +1,41 @@
-"""The command-line options of passt and pasta, as one table, and the typer CLI built from it.
+"""The command-line options of passt and pasta, as one table, and the parser that reads it.
 
-Names and meanings follow C passt/pasta (see REFERENCE.md), so that podman and
-libvirt can run ours unchanged.  Each option says in which modes it exists;
-`build_command` turns the table into a typer command for one mode, so both
-programs share one definition.  Parsing only collects strings and flags:
+Names and meanings follow C passt/pasta, so that podman, libvirt, rootlesskit
+and QEMU can run ours unchanged.  C passt parses with glibc's getopt_long
+(option string "+..."), and callers depend on its behaviour: podman falls back
+when stderr says "unrecognized option '--map-guest-addr", users type
+unambiguous abbreviations (`--conf` for `--config-net`), and values may be
+attached (`--mtu=1500`, `-m1500`) or separate.  `getopt` below does what
+getopt_long does, with its error texts:
+
+- a long option is found by its exact name first, else by a unique prefix;
+  several prefixes that name the same option are not ambiguous;
+- `--name=value`, `--name value`; `-abc` is `-a -b -c`, `-m1500` or `-m 1500`;
+- option parsing stops at `--` (dropped) or at the first non-option, which
+  for pasta starts the target (PID or command);
+- an option may be repeated: "multi" options collect every value in order,
+  "value" options keep the last one.
+
+One table serves both programs, as in C passt: an option of the other mode is
+recognised (so abbreviations resolve the same way in both) and then refused
+with "... is for pasta mode only".  Parsing only collects strings and flags:
 validation and meaning live in `conf`.
+
+This module is on the start-up path of both programs (passt must have parsed
+its arguments and bound its socket within tens of milliseconds of exec), so
+it imports nothing at module level beyond `sys`: the help text is built only
+when asked for, and `program_main` imports the rest of the program late.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Optional
+
+TYPE_CHECKING = False   # typing itself costs 2 ms at start-up
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 VERSION = "0.1.0"
 
@@ -22,14 +44,34 @@ PASTA = ("pasta",)
 PASST = ("passt",)
 
 
-@dataclass(frozen=True)
 class Opt:
-    dest: str
-    flags: tuple[str, ...]
-    kind: str                 # "flag", "value" or "multi" (repeatable value)
-    help: str
-    modes: tuple[str, ...] = BOTH
-    metavar: str | None = None
+    """One option: where its value goes, how it is spelled, in which modes it exists.
+
+    kind is "flag" (no value), "value" (the last one given wins) or "multi"
+    (every value, in order).  `exact` options are our own additions, absent
+    from C passt: they match only when spelled in full, so that they never
+    make an abbreviation ambiguous that C passt accepts.
+    """
+
+    __slots__ = ("dest", "flags", "kind", "help", "modes", "metavar", "exact")
+
+    def __init__(self, dest: str, flags: tuple[str, ...], kind: str, help: str,
+                 modes: tuple[str, ...] = BOTH, metavar: str | None = None,
+                 exact: bool = False) -> None:
+        self.dest = dest
+        self.flags = flags
+        self.kind = kind
+        self.help = help
+        self.modes = modes
+        self.metavar = metavar
+        self.exact = exact
+
+    @property
+    def takes_value(self) -> bool:
+        return self.kind != "flag"
+
+    def __repr__(self) -> str:
+        return f"Opt({self.dest!r}, {self.flags!r})"
 
 
 OPTIONS: tuple[Opt, ...] = (
@@ -46,6 +88,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("pcap", ("-p", "--pcap"), "value", "Capture guest-side frames to FILE (pcap)",
         metavar="FILE"),
     Opt("pid_file", ("-P", "--pid"), "value", "Write own PID to FILE once ready", metavar="FILE"),
+    Opt("help", ("-h", "--help"), "flag", "Show this help and exit"),
     Opt("version", ("--version",), "flag", "Show version and exit"),
     # addressing
     Opt("mtu", ("-m", "--mtu"), "value", "MTU to assign (default 65520)", metavar="MTU"),
@@ -90,11 +133,12 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("no_ra", ("--no-ra",), "flag", "Disable Router Advertisements"),
     # address mapping
     Opt("no_map_gw", ("--no-map-gw",), "flag", "Don't map the gateway address to the host"),
-    Opt("map_gw", ("--map-gw",), "flag", "Map the gateway address to the host (the default)"),
+    Opt("map_gw", ("--map-gw",), "flag", "Map the gateway address to the host (the default)",
+        exact=True),
     Opt("map_host_loopback", ("--map-host-loopback",), "multi",
         "Guest-side address that reaches the host's loopback, or 'none'", metavar="ADDR"),
     Opt("map_guest_addr", ("--map-guest-addr",), "multi",
-        "Guest-side address that reaches the host's own address", metavar="ADDR"),
+        "Guest-side address that reaches the host's own address, or 'none'", metavar="ADDR"),
     # port forwarding
     Opt("tcp_ports", ("-t", "--tcp-ports"), "multi", "TCP ports to forward to the guest",
         metavar="SPEC"),
@@ -128,92 +172,186 @@ OPTIONS: tuple[Opt, ...] = (
         "Host loopback traffic reaches the namespace's loopback", PASTA),
 )
 
-ANNOTATIONS = {"flag": bool, "value": Optional[str], "multi": Optional[list[str]]}  # noqa: UP045
+# Options that end parsing where they stand, as in C passt: `pasta --version
+# --bogus` prints the version.
+STOPPERS = ("help", "version")
+
+USAGE = {
+    "pasta": ("[OPTION]... [COMMAND] [ARGS]...", "[OPTION]... PID",
+              "[OPTION]... --netns PATH|NAME"),
+    "passt": ("[OPTION]...",),
+}
+SUMMARY = {
+    "pasta": "Unprivileged user-mode networking for network namespaces.\n"
+             "Without PID or --netns, run COMMAND (default: a shell) in a new user and\n"
+             "network namespace connected by pasta.",
+    "passt": "Unprivileged user-mode networking for virtual machines.",
+}
 
 
 class UsageError(Exception):
     """A command line that cannot be parsed; the message is one line."""
 
 
-def build_command(mode: str, handler: Callable[[dict[str, Any]], int]):
-    """A click command (built with typer) for `mode`, calling handler(values)."""
-    import typer  # noqa: PLC0415 - only the CLI front needs it
+def getopt(argv: Sequence[str], table: Sequence[Opt], *, mode: str | None = None,
+           stop: Sequence[str] = ()) -> tuple[list[tuple[Opt, str | None]], list[str]]:
+    """getopt_long over `table`, in "+" (require order) mode.
 
-    params = []
-    for opt in OPTIONS:
-        if mode not in opt.modes:
+    Returns the options found, in order, as (option, value or None), and the
+    operands left after them.  An option whose `modes` lack `mode` is refused
+    once found; an option whose dest is in `stop` ends parsing where it stands.
+    Raises UsageError with getopt's own message.
+    """
+    shorts: dict[str, Opt] = {}
+    longs: list[tuple[str, Opt]] = []
+    for opt in table:
+        for flag in opt.flags:
+            if flag.startswith("--"):
+                longs.append((flag[2:], opt))
+            else:
+                shorts[flag[1]] = opt
+
+    found: list[tuple[Opt, str | None]] = []
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        i += 1
+        if arg.startswith("--"):
+            opt, full, value, i = _long(arg, argv, i, longs)
+            _check_mode(opt, f"--{full}", mode)
+            found.append((opt, value))
+            if opt.dest in stop:
+                return found, []
             continue
-        default = False if opt.kind == "flag" else None
-        params.append(inspect.Parameter(
-            opt.dest, inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(default, *opt.flags, help=opt.help, metavar=opt.metavar,
-                                 show_default=False),
-            annotation=ANNOTATIONS[opt.kind]))
-    if mode == "pasta":
-        params.append(inspect.Parameter(
-            "target", inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Argument(None, metavar="[PID | [--] COMMAND [ARG...]]",
-                                   show_default=False),
-            annotation=Optional[list[str]]))  # noqa: UP045
-
-    def command(**values: Any) -> int:
-        return handler(values)
-
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = ("Unprivileged user-mode networking for network namespaces"
-                       if mode == "pasta" else
-                       "Unprivileged user-mode networking for virtual machines")
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                      rich_markup_mode=None,
-                      context_settings={"allow_interspersed_args": False,
-                                        "help_option_names": ["-h", "--help"]})
-    app.command()(command)
-    return typer.main.get_command(app)
+        pos = 1
+        while pos < len(arg):
+            ch = arg[pos]
+            pos += 1
+            opt = shorts.get(ch)
+            if opt is None:
+                raise UsageError(f"invalid option -- '{ch}'")
+            value = None
+            if opt.takes_value:
+                if pos < len(arg):
+                    value = arg[pos:]
+                elif i < n:
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"option requires an argument -- '{ch}'")
+                pos = len(arg)
+            _check_mode(opt, f"-{ch}", mode)
+            found.append((opt, value))
+            if opt.dest in stop:
+                return found, []
+    return found, list(argv[i:])
 
 
-def parse_args(mode: str, argv: list[str]) -> dict[str, Any]:
+def _long(arg: str, argv: Sequence[str], i: int,
+          longs: list[tuple[str, Opt]]) -> tuple[Opt, str, str | None, int]:
+    """For `arg` ("--name[=value]"): the option, its full name, its value, the next index."""
+    name, eq, attached = arg[2:].partition("=")
+    exact = [(spelled, o) for spelled, o in longs if spelled == name]
+    matches = exact or [(spelled, o) for spelled, o in longs
+                        if spelled.startswith(name) and not o.exact]
+    if not matches:
+        raise UsageError(f"unrecognized option '{arg}'")
+    full, opt = matches[0]
+    # getopt compares each later match with the first one only
+    odd = [spelled for spelled, o in matches[1:] if o is not opt]
+    if odd:
+        names = " ".join(f"'--{s}'" for s in [full, *odd])
+        raise UsageError(f"option '{arg}' is ambiguous; possibilities: {names}")
+    if eq:
+        if not opt.takes_value:
+            raise UsageError(f"option '--{full}' doesn't allow an argument")
+        return opt, full, attached, i
+    if not opt.takes_value:
+        return opt, full, None, i
+    if i >= len(argv):
+        raise UsageError(f"option '--{full}' requires an argument")
+    return opt, full, argv[i], i + 1
+
+
+def _check_mode(opt: Opt, spelled: str, mode: str | None) -> None:
+    if mode is not None and mode not in opt.modes:
+        raise UsageError(f"{spelled} is for {' / '.join(opt.modes)} mode only")
+
+
+def parse_args(mode: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse argv (without the program name) into a dict of option values.
 
-    Raises UsageError with a one-line message shaped like getopt's, which
-    podman matches on (for instance "unrecognized option '--foo'").
+    Every option of the table has a key: flags are False, values None and
+    multi options None unless given.  For pasta, "target" holds the operands
+    (PID or command); passt takes none.  Raises UsageError with a one-line
+    message shaped like getopt's, which podman matches on.
     """
-    captured: dict[str, Any] = {}
+    values: dict[str, Any] = {o.dest: (False if o.kind == "flag" else None) for o in OPTIONS}
+    found, rest = getopt(argv, OPTIONS, mode=mode, stop=STOPPERS)
+    for opt, value in found:
+        if opt.kind == "flag":
+            values[opt.dest] = True
+        elif opt.kind == "value":
+            values[opt.dest] = value
+        else:
+            if values[opt.dest] is None:
+                values[opt.dest] = []
+            values[opt.dest].append(value)
+    if mode == "pasta":
+        values["target"] = rest
+    elif rest:
+        raise UsageError(f"extra non-option argument: {rest[0]}")
+    return values
 
-    def keep(values: dict[str, Any]) -> int:
-        captured.update(values)
-        return 0
 
-    cmd = build_command(mode, keep)
+def render_help(mode: str, table: Sequence[Opt] = OPTIONS) -> str:
+    """The --help text of `mode`, from the table."""
+    import textwrap  # noqa: PLC0415 - only --help needs it
+
+    lines = [f"Usage: {mode} {u}" if k == 0 else f"       {mode} {u}"
+             for k, u in enumerate(USAGE.get(mode, ("[OPTION]...",)))]
+    if mode in SUMMARY:
+        lines += ["", SUMMARY[mode]]
+    lines.append("")
+    for opt in table:
+        if mode not in opt.modes:
+            continue
+        shorts = [f for f in opt.flags if not f.startswith("--")]
+        longs = [f for f in opt.flags if f.startswith("--")]
+        spelled = ", ".join(shorts + longs) if shorts else "    " + ", ".join(longs)
+        if opt.metavar:
+            spelled += f" {opt.metavar}"
+        left = f"  {spelled}"
+        wrapped = textwrap.wrap(opt.help, 79 - 32) or [""]
+        if len(left) > 30:
+            lines.append(left)
+            lines += [" " * 32 + w for w in wrapped]
+        else:
+            lines.append(f"{left:<32}{wrapped[0]}")
+            lines += [" " * 32 + w for w in wrapped[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """parse_args for a program's main(): usage errors exit 1 with one line,
+    --help prints the help and exits 0."""
     try:
-        rv = cmd.main(list(argv), prog_name=mode, standalone_mode=False)
-    except Exception as exc:
-        # typer may vendor its own copy of click: recognise its exceptions by shape
-        kind = type(exc).__name__
-        if kind == "NoSuchOption":
-            raise UsageError(f"unrecognized option '{exc.option_name}'") from None
-        if kind == "Exit":   # --help or --version handled by click
-            raise SystemExit(getattr(exc, "exit_code", 0)) from None
-        if kind == "Abort":
-            raise SystemExit(1) from None
-        if hasattr(exc, "format_message"):
-            raise UsageError(exc.format_message().rstrip(".")) from None
-        raise
-    if not captured and rv is not None:   # --help handled by click itself
-        raise SystemExit(0)
-    return captured
-
-
-def main_parse(mode: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """parse_args for a program's main(): usage errors exit 1 with one line."""
-    try:
-        return parse_args(mode, sys.argv[1:] if argv is None else argv)
+        opts = parse_args(mode, sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         print(f"{mode}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    if opts["help"]:
+        sys.stdout.write(render_help(mode))
+        raise SystemExit(0)
+    return opts
 
 
-def program_main(mode: str, argv: list[str] | None,
+def program_main(mode: str, argv: Sequence[str] | None,
                  run: Callable[[dict[str, Any], Any], int]) -> int:
     """The whole of `pasta`/`passt`: parse, --version, run(opts, helper), one-line errors.
 

@@ -184,7 +184,7 @@ def test_fd_takes_a_connected_socket(topo, procs, passt):
     (["-F", "x"], "invalid --fd"),
     (["-F", "5", "-s", "/tmp/x"], "can't be given together"),
     (["-t", "auto"], "only for pasta"),
-    (["-T", "22"], "unrecognized option '-T'"),
+    (["-T", "22"], "-T is for pasta mode only"),
 ])
 def test_bad_input_fails_before_anything_starts(topo, passt, args, message):
     for fg in (["-f"], []):

@@ -32,7 +32,7 @@ def leftovers(marker: str) -> list[str]:
 CASES = [
     # (id, arguments, expected words in the one line)
     ("unknown option", ["--bogus"], "unrecognized option '--bogus'"),
-    ("unknown short option", ["-x"], "unrecognized option '-x'"),
+    ("unknown short option", ["-x"], "invalid option -- 'x'"),
     ("missing value", ["--mtu"], "requires an argument"),
     ("bad address", ["-a", "10.0.0.300"], "invalid address: 10.0.0.300"),
     ("bad prefix", ["-a", "10.0.0.1/33"], "invalid prefix length: 10.0.0.1/33"),
