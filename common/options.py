@@ -172,6 +172,17 @@ OPTIONS: tuple[Opt, ...] = (
         "Host loopback traffic reaches the namespace's loopback", PASTA),
 )
 
+# "If conflicting or multiple options are given, the last one takes effect"
+# (passt(1)): giving the key clears the options listed.
+CLEARS = {
+    "ipv4_only": ("ipv6_only",), "ipv6_only": ("ipv4_only",),
+    "debug": ("quiet",), "trace": ("quiet",), "quiet": ("debug", "trace"),
+    "dhcp_dns": ("no_dhcp_dns",), "no_dhcp_dns": ("dhcp_dns",),
+    "dhcp_search": ("no_dhcp_search",), "no_dhcp_search": ("dhcp_search",),
+    "map_gw": ("no_map_gw",), "no_map_gw": ("map_gw",),
+    "netns_only": ("userns",), "userns": ("netns_only",),
+}
+
 # Options that end parsing where they stand, as in C passt: `pasta --version
 # --bogus` prints the version.
 STOPPERS = ("help", "version")
@@ -287,13 +298,16 @@ def parse_args(mode: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse argv (without the program name) into a dict of option values.
 
     Every option of the table has a key: flags are False, values None and
-    multi options None unless given.  For pasta, "target" holds the operands
+    multi options None unless given; of conflicting options
+    (CLEARS) only the last one given is set.  For pasta, "target" holds the operands
     (PID or command); passt takes none.  Raises UsageError with a one-line
     message shaped like getopt's, which podman matches on.
     """
     values: dict[str, Any] = {o.dest: (False if o.kind == "flag" else None) for o in OPTIONS}
     found, rest = getopt(argv, OPTIONS, mode=mode, stop=STOPPERS)
     for opt, value in found:
+        for other in CLEARS.get(opt.dest, ()):
+            values[other] = None if other == "userns" else False
         if opt.kind == "flag":
             values[opt.dest] = True
         elif opt.kind == "value":

@@ -88,7 +88,15 @@ def test_program_prints_one_line_and_exits_1():
     (["--mtu", "-1"], {"mtu": "-1"}),                 # a value is taken as it is
     (["--mtu", "--"], {"mtu": "--"}),
     (["-m", "1500", "-m", "9000"], {"mtu": "9000"}),  # the last one wins
-    (["-dfq"], {"debug": True, "foreground": True, "quiet": True}),
+    (["-dfe"], {"debug": True, "foreground": True, "stderr": True}),
+    # conflicting options: the last one takes effect (passt(1))
+    (["-dq"], {"quiet": True}),
+    (["-q", "--trace"], {"trace": True}),
+    (["-4", "-6"], {"ipv6_only": True}),
+    (["-6", "-4"], {"ipv4_only": True}),
+    (["--no-map-gw", "--map-gw"], {"map_gw": True}),
+    (["--userns", "/u", "--netns-only"], {"netns_only": True}),
+    (["--netns-only", "--userns", "/u"], {"userns": "/u"}),
     (["-dfm9000"], {"debug": True, "foreground": True, "mtu": "9000"}),
     (["-dfm", "9000"], {"debug": True, "foreground": True, "mtu": "9000"}),
     (["--deb", "--fore"], {"debug": True, "foreground": True}),
