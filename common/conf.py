@@ -6,8 +6,11 @@ else reads `sys.argv`, the environment or resolv.conf.  Errors are `ConfigError`
 with a one-line message naming the offending value.
 
 Defaults follow C passt/pasta: the guest gets the host's address, prefix and
-gateway on the outbound interface (the one with the default route), MTU 65520,
-the host's resolvers, and the gateway address maps to the host's loopback.
+gateway on the outbound interface (the one with the default route, else the
+first with any route), MTU 65520, the host's resolvers, and the gateway
+address maps to the host's loopback.  With no such interface for a family,
+"local mode": 169.254.2.1/16 via 169.254.2.2 for IPv4, no address via fe80::1
+for IPv6.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ MTU_MAX = 65520
 LOG_SIZE_DEFAULT = 1 << 20
 # the MAC we use when the host gives us none to copy (C passt uses the same)
 MAC_FALLBACK = bytes.fromhex("9a559a559a55")
+# local mode, with no host interface to copy (passt(1), "Local mode for disconnected setups")
+LOCAL4_ADDR = IPv4Address("169.254.2.1")
+LOCAL4_GW = IPv4Address("169.254.2.2")
+LOCAL4_PREFIX = 16
+LOCAL6_GW = IPv6Address("fe80::1")
 
 
 class ConfigError(Exception):
@@ -60,7 +68,8 @@ class Ip4Config:
 
 @dataclass(frozen=True)
 class Ip6Config:
-    addr: IPv6Address                    # the guest's global address (default: the host's)
+    addr: IPv6Address | None             # the guest's global address (default: the host's);
+                                         # None in local mode: only its link-local
     prefix_len: int
     gateway: IPv6Address | None          # the host's gateway (maps to host loopback)
     our_ll: IPv6Address                  # our link-local: source of NDP, RA and DHCPv6
@@ -76,9 +85,9 @@ class Ip6Config:
     host_routes: tuple[HostRoute, ...] = ()
 
     @property
-    def prefix(self) -> ipaddress.IPv6Network:
+    def prefix(self) -> ipaddress.IPv6Network | None:
         """The /64 around the guest's address, advertised for SLAAC (which needs a /64)."""
-        return IPv6Interface((self.addr, 64)).network
+        return None if self.addr is None else IPv6Interface((self.addr, 64)).network
 
 
 @dataclass(frozen=True)
@@ -229,10 +238,28 @@ def _split_by_family(values: list[str] | None, what: str) -> tuple[list, list]:
     return v4, v6
 
 
-def _one(values: list, what: str):
-    if len(values) > 1:
-        raise ConfigError(f"{what} given more than once for one address family")
-    return values[0] if values else None
+def _last(values: list):
+    """Of several values for one address family, the last one takes effect (passt(1))."""
+    return values[-1] if values else None
+
+
+def _nat(values: list[str] | None, what: str) -> tuple:
+    """--map-host-loopback / --map-guest-addr, in order: an address sets its family,
+    "none" clears both.  "default" stands for a family never mentioned."""
+    v4: IPv4Address | None | str = "default"
+    v6: IPv6Address | None | str = "default"
+    for text in values or []:
+        if text == "none":
+            v4 = v6 = None
+            continue
+        addr = parse_addr(text, f"{what} address")
+        if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
+            raise ConfigError(f"invalid {what} address: {text}")
+        if addr.version == 4:
+            v4 = addr
+        else:
+            v6 = addr
+    return v4, v6
 
 
 def host_config(mode: str, opts: dict[str, Any], helper: Helper) -> Config:
@@ -264,28 +291,20 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         else:
             addrs6.append(addr)
             prefix6 = prefix if prefix is not None else prefix6
-    addr4, addr6 = _one(addrs4, "--address"), _one(addrs6, "--address")
+    addr4, addr6 = _last(addrs4), _last(addrs6)
     if opts.get("netmask"):
         prefix4 = parse_netmask(opts["netmask"])
     gw4s, gw6s = _split_by_family(opts.get("gateway"), "gateway")
-    gw4_opt, gw6_opt = _one(gw4s, "--gateway"), _one(gw6s, "--gateway")
+    gw4_opt, gw6_opt = _last(gw4s), _last(gw6s)
     out4s, out6s = _split_by_family(opts.get("outbound"), "outbound address")
     fwd4s, fwd6s = _split_by_family(opts.get("dns_forward"), "--dns-forward address")
     dnshost4s, dnshost6s = _split_by_family(opts.get("dns_host"), "--dns-host address")
-    guest4s, guest6s = _split_by_family(opts.get("map_guest_addr"), "--map-guest-addr address")
+    guest4, guest6_map = _nat(opts.get("map_guest_addr"), "--map-guest-addr")
+    guest4 = None if guest4 == "default" else guest4
+    guest6_map = None if guest6_map == "default" else guest6_map
 
-    map_lo4: IPv4Address | None | str = "default"
-    map_lo6: IPv6Address | None | str = "default"
-    for text in opts.get("map_host_loopback") or []:
-        if text == "none":
-            map_lo4 = map_lo6 = None
-            continue
-        addr = parse_addr(text, "--map-host-loopback address")
-        if addr.version == 4:
-            map_lo4 = addr
-        else:
-            map_lo6 = addr
-    if opts.get("no_map_gw"):
+    map_lo4, map_lo6 = _nat(opts.get("map_host_loopback"), "--map-host-loopback")
+    if opts.get("no_map_gw"):        # an address given for a family still counts
         map_lo4 = None if map_lo4 == "default" else map_lo4
         map_lo6 = None if map_lo6 == "default" else map_lo6
 
@@ -308,23 +327,22 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
 
     mac = parse_mac(opts["mac_addr"]) if opts.get("mac_addr") else None
 
-    # IPv4
+    # IPv4: the template is the host interface found by `hostinfo` (default route,
+    # else the first with any route), if it has an address; else local mode.
     ip4 = None
     fam = host.v4
-    if opts.get("ipv6_only"):
-        pass
-    elif fam is None and addr4 is None:
-        notes.append("IPv4: no default route on the host, IPv4 disabled")
-    elif fam is not None and not fam.addrs and addr4 is None:
-        notes.append(f"IPv4: no address on {fam.ifname}, IPv4 disabled")
-    else:
-        host_addr = IPv4Address(fam.addrs[0][0]) if fam and fam.addrs else None
-        guest = addr4 or host_addr
+    tmpl = fam if fam is not None and fam.addrs else None
+    if not opts.get("ipv6_only"):
+        if tmpl is None:
+            notes.append("IPv4: " + (f"no address on {fam.ifname}" if fam else
+                                     "no host interface with a route") + ", local mode")
+        guest = addr4 or (IPv4Address(tmpl.addrs[0][0]) if tmpl else LOCAL4_ADDR)
         if prefix4 is None:
-            match = [p for a, p in (fam.addrs if fam else ()) if IPv4Address(a) == guest]
-            prefix4 = match[0] if match else (fam.addrs[0][1] if fam and fam.addrs and
-                                              addr4 is None else classful_prefix(guest))
-        gateway = gw4_opt or (IPv4Address(fam.gateway) if fam and fam.gateway else None)
+            match = [p for a, p in (tmpl.addrs if tmpl else ()) if IPv4Address(a) == guest]
+            prefix4 = (match[0] if match else tmpl.addrs[0][1] if tmpl and addr4 is None
+                       else LOCAL4_PREFIX if addr4 is None else classful_prefix(guest))
+        gateway = gw4_opt or (
+            (IPv4Address(tmpl.gateway) if tmpl.gateway else None) if tmpl else LOCAL4_GW)
         if gateway is None:
             notes.append("IPv4: no default gateway on the host, none offered")
         net = IPv4Interface((guest, prefix4)).network
@@ -332,61 +350,51 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         if our is None or our == guest:
             our = next((h for h in net.hosts() if h != guest), guest)
         map_lo = gateway if map_lo4 == "default" else map_lo4
-        dns_fwd = _one(fwd4s, "--dns-forward")
+        dns_fwd = _last(fwd4s)
         ip4 = Ip4Config(
             addr=guest, prefix_len=prefix4, gateway=gateway, our_addr=our,
             dns=_offered_dns(dns4, dns_fwd, map_lo), dns_forward=dns_fwd,
-            dns_host=_one(dnshost4s, "--dns-host") or (host_dns4[0] if host_dns4 else None),
-            map_host_loopback=map_lo, map_guest_addr=_one(guest4s, "--map-guest-addr"),
-            outbound=_one(out4s, "--outbound"),
+            dns_host=_last(dnshost4s) or (host_dns4[0] if host_dns4 else None),
+            map_host_loopback=map_lo, map_guest_addr=guest4,
+            outbound=_last(out4s),
             outbound_if=opts.get("outbound_if4"),
-            host_ifname=fam.ifname if fam else None,
-            host_addrs=tuple(IPv4Interface((a, p)) for a, p in (fam.addrs if fam else ())),
-            host_routes=fam.routes if fam else ())
-        if mac is None and fam is not None:
-            mac = _host_mac(host, fam.ifname)
+            host_ifname=tmpl.ifname if tmpl else None,
+            host_addrs=tuple(IPv4Interface((a, p)) for a, p in (tmpl.addrs if tmpl else ())),
+            host_routes=tmpl.routes if tmpl else ())
+        if mac is None and tmpl is not None:
+            mac = _host_mac(host, tmpl.ifname)
 
-    # IPv6
+    # IPv6: as IPv4; local mode assigns no address (the guest keeps its link-local)
+    # and routes through fe80::1.
     ip6 = None
     fam = host.v6
-    if opts.get("ipv4_only"):
-        pass
-    elif fam is None and addr6 is None:
-        notes.append("IPv6: no default route on the host, IPv6 disabled")
-    elif fam is not None and not fam.addrs and addr6 is None:
-        notes.append(f"IPv6: no global address on {fam.ifname}, IPv6 disabled")
-    else:
-        host_addr = IPv6Address(fam.addrs[0][0]) if fam and fam.addrs else None
-        guest = addr6 or host_addr
+    tmpl = fam if fam is not None and fam.addrs else None
+    if not opts.get("ipv4_only"):
+        if tmpl is None:
+            notes.append("IPv6: " + (f"no global address on {fam.ifname}" if fam else
+                                     "no host interface with a route") + ", local mode")
+        guest6 = addr6 or (IPv6Address(tmpl.addrs[0][0]) if tmpl else None)
         if prefix6 is None:
-            match = [p for a, p in (fam.addrs if fam else ()) if IPv6Address(a) == guest]
+            match = [p for a, p in (tmpl.addrs if tmpl else ()) if IPv6Address(a) == guest6]
             prefix6 = match[0] if match else 64
-        gateway = gw6_opt or (IPv6Address(fam.gateway) if fam and fam.gateway else None)
-        our_ll = IPv6Address(fam.link_local) if fam and fam.link_local else (
-            gateway if gateway is not None and gateway.is_link_local
-            else IPv6Address("fe80::1"))
+        gateway = gw6_opt or (
+            (IPv6Address(tmpl.gateway) if tmpl.gateway else None) if tmpl else LOCAL6_GW)
+        our_ll = IPv6Address(tmpl.link_local) if tmpl and tmpl.link_local else (
+            gateway if gateway is not None and gateway.is_link_local else LOCAL6_GW)
         map_lo = gateway if map_lo6 == "default" else map_lo6
-        dns_fwd = _one(fwd6s, "--dns-forward")
+        dns_fwd = _last(fwd6s)
         ip6 = Ip6Config(
-            addr=guest, prefix_len=prefix6, gateway=gateway, our_ll=our_ll,
+            addr=guest6, prefix_len=prefix6, gateway=gateway, our_ll=our_ll,
             dns=_offered_dns(dns6, dns_fwd, map_lo), dns_forward=dns_fwd,
-            dns_host=_one(dnshost6s, "--dns-host") or (host_dns6[0] if host_dns6 else None),
-            map_host_loopback=map_lo, map_guest_addr=_one(guest6s, "--map-guest-addr"),
-            outbound=_one(out6s, "--outbound"),
+            dns_host=_last(dnshost6s) or (host_dns6[0] if host_dns6 else None),
+            map_host_loopback=map_lo, map_guest_addr=guest6_map,
+            outbound=_last(out6s),
             outbound_if=opts.get("outbound_if6"),
-            host_ifname=fam.ifname if fam else None,
-            host_addrs=tuple(IPv6Interface((a, p)) for a, p in (fam.addrs if fam else ())),
-            host_routes=fam.routes if fam else ())
-        if mac is None and fam is not None:
-            mac = _host_mac(host, fam.ifname)
-
-    if ip4 is None and ip6 is None:
-        if opts.get("ipv4_only") or opts.get("ipv6_only"):
-            family = "IPv4" if opts.get("ipv4_only") else "IPv6"
-            raise ConfigError(f"{family} only, but the host has no {family} default route "
-                              "and no address was given (-a)")
-        notes.append("no default route on the host: the link gets no addresses, "
-                     "only forwarded loopback ports work")
+            host_ifname=tmpl.ifname if tmpl else None,
+            host_addrs=tuple(IPv6Interface((a, p)) for a, p in (tmpl.addrs if tmpl else ())),
+            host_routes=tmpl.routes if tmpl else ())
+        if mac is None and tmpl is not None:
+            mac = _host_mac(host, tmpl.ifname)
 
     log_size = (parse_int(opts["log_size"], "log size", 4096, 1 << 40)
                 if opts.get("log_size") else LOG_SIZE_DEFAULT)
@@ -394,8 +402,11 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         tcp=not opts.get("no_tcp"), udp=not opts.get("no_udp"), icmp=not opts.get("no_icmp"),
         dhcp=not opts.get("no_dhcp") and ip4 is not None,
         ndp=not opts.get("no_ndp") and ip6 is not None,
-        dhcpv6=not opts.get("no_dhcpv6") and ip6 is not None,
-        ra=not opts.get("no_ra") and not opts.get("no_ndp") and ip6 is not None)
+        dhcpv6=not opts.get("no_dhcpv6") and ip6 is not None and ip6.addr is not None,
+        # --config-net configures the namespace itself: no RA, so no SLAAC address
+        # beside the copied one (C pasta does the same)
+        ra=not opts.get("no_ra") and not opts.get("no_ndp") and ip6 is not None
+        and not opts.get("config_net"))
 
     fwd = {}
     if forward_parser is not None:
@@ -453,8 +464,9 @@ def describe(conf: Config) -> list[str]:
             lines.append("    DNS: " + ", ".join(map(str, c.dns)))
     if conf.ip6:
         c = conf.ip6
-        lines += [f"NDP/DHCPv6: assign {c.addr}/{c.prefix_len}, "
-                  f"router {c.gateway or '-'}, our link-local {c.our_ll}"]
+        assign = f"assign {c.addr}/{c.prefix_len}" if c.addr else "no address (local mode)"
+        lines += [f"NDP/DHCPv6: {assign}, router {c.gateway or '-'}, "
+                  f"our link-local {c.our_ll}"]
         if c.dns and conf.offer_dns:
             lines.append("    DNS: " + ", ".join(map(str, c.dns)))
     if conf.search and conf.offer_search:

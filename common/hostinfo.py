@@ -77,31 +77,52 @@ def read_resolv_conf(path: str = "/etc/resolv.conf") -> ResolvConf:
         return ResolvConf((), ())
 
 
+IFF_LOOPBACK = 0x8
+RTN_UNICAST = 1
+
+
+def _oif(route) -> int | None:
+    """The output interface of a route: RTA_OIF, or the first hop of a multipath one."""
+    oif = route.get_attr("RTA_OIF")
+    if oif is None:
+        hops = route.get_attr("RTA_MULTIPATH")
+        oif = hops[0]["oif"] if hops else None
+    return oif
+
+
 def _discover_netlink(if4: str | None, if6: str | None) -> dict:
     """Runs in the helper child: the only place pyroute2 is imported."""
     from pyroute2 import IPRoute  # noqa: PLC0415 - deliberately lazy
 
     out: dict = {"macs": {}, "v4": None, "v6": None}
     with IPRoute() as ipr:
-        names = {}
+        names, loopbacks = {}, set()
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
             names[link["index"]] = name
+            if link["flags"] & IFF_LOOPBACK:
+                loopbacks.add(link["index"])
             mac = link.get_attr("IFLA_ADDRESS")
             if mac:
                 out["macs"][name] = mac
         for family, key, wanted in ((socket.AF_INET, "v4", if4), (socket.AF_INET6, "v6", if6)):
-            defaults = sorted(
-                (r for r in ipr.get_routes(family=family, table=254) if r["dst_len"] == 0
-                 and r.get_attr("RTA_OIF") is not None),
-                key=lambda r: r.get_attr("RTA_PRIORITY") or 0)
+            # unicast routes of the main table, through an interface other than lo,
+            # and not to link-local destinations: what can carry the guest's traffic
+            usable = [r for r in ipr.get_routes(family=family, table=254)
+                      if r["type"] == RTN_UNICAST and _oif(r) not in (None, *loopbacks)
+                      and not (r["dst_len"] and
+                               ipaddress.ip_address(r.get_attr("RTA_DST")).is_link_local)]
+            defaults = sorted((r for r in usable if r["dst_len"] == 0),
+                              key=lambda r: r.get_attr("RTA_PRIORITY") or 0)
             if wanted is not None:
                 index = next((i for i, n in names.items() if n == wanted), None)
                 if index is None:
                     raise ValueError(f"no such interface: {wanted}")
-                defaults = [r for r in defaults if r.get_attr("RTA_OIF") == index]
+                defaults = [r for r in defaults if _oif(r) == index]
             elif defaults:
-                index = defaults[0].get_attr("RTA_OIF")
+                index = _oif(defaults[0])
+            elif usable:                # no default route: the first interface with any
+                index = _oif(usable[0])
             else:
                 continue
             gateway = defaults[0].get_attr("RTA_GATEWAY") if defaults else None
@@ -116,12 +137,10 @@ def _discover_netlink(if4: str | None, if6: str | None) -> dict:
                 elif a["scope"] == 0:
                     addrs.append((addr, a["prefixlen"]))
             routes = []
-            for r in ipr.get_routes(family=family, table=254):
-                if r.get_attr("RTA_OIF") != index or r["type"] != 1:
+            for r in usable:
+                if _oif(r) != index:
                     continue
                 dst = r.get_attr("RTA_DST")
-                if dst is not None and ipaddress.ip_address(dst).is_link_local:
-                    continue
                 routes.append({
                     "dst": "default" if r["dst_len"] == 0 else f"{dst}/{r['dst_len']}",
                     "gateway": r.get_attr("RTA_GATEWAY"),

@@ -50,7 +50,8 @@ class AddressMap:
         self.dns_host6 = _packed(c6.dns_host) if c6 else None
         # the host's own addresses, as the guest would otherwise see them
         self.host_own4 = ({i.ip.packed for i in c4.host_addrs} | {c4.addr.packed}) if c4 else set()
-        self.host_own6 = ({i.ip.packed for i in c6.host_addrs} | {c6.addr.packed}) if c6 else set()
+        self.host_own6 = ({i.ip.packed for i in c6.host_addrs}
+                          | ({c6.addr.packed} if c6.addr else set())) if c6 else set()
         self.host_primary4 = (c4.host_addrs[0].ip.packed if c4 and c4.host_addrs
                               else _packed(c4.addr) if c4 else None)
         self.host_primary6 = (c6.host_addrs[0].ip.packed if c6 and c6.host_addrs

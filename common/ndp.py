@@ -261,9 +261,10 @@ def router_advertisement(conf: Config, guest: GuestState, dst: bytes | None = No
     if conf.mtu >= IPV6_MIN_MTU:
         body += _MTU_OPT.pack(OPT_MTU, 1, 0, conf.mtu)
     prefix = c.prefix
-    body += _PREFIX_OPT.pack(OPT_PREFIX_INFO, 4, prefix.prefixlen,
-                             PREFIX_ON_LINK | PREFIX_AUTONOMOUS, INFINITE, INFINITE, 0,
-                             prefix.network_address.packed)
+    if prefix is not None:              # local mode: a router, but no prefix to take
+        body += _PREFIX_OPT.pack(OPT_PREFIX_INFO, 4, prefix.prefixlen,
+                                 PREFIX_ON_LINK | PREFIX_AUTONOMOUS, INFINITE, INFINITE, 0,
+                                 prefix.network_address.packed)
     if conf.offer_dns and c.dns:
         body += rdnss_option(a.packed for a in c.dns)
     if conf.offer_search and conf.search:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,8 @@ from integration.conftest import (
     run,
     wait_for,
 )
+
+XFER = str(Path(__file__).with_name("xfer.py"))
 
 
 def addrs_of(ns_cmd: list[str], ifname: str) -> dict:
@@ -210,29 +214,72 @@ def test_version(pasta, hint):
     assert r.stdout.startswith("pasta ")
 
 
-def test_host_without_ipv6(topo, pasta):
-    """Only what exists: no IPv6 default route -> IPv4 only, and pasta says so."""
-    topo.host.run("ip", "-6", "route", "del", "default")
-    r = topo.host.run(*pasta, "--config-net", "--", "ip", "-j", "addr", "show", "eth0")
-    eth0 = json.loads(r.stdout)[0]
-    assert {a["local"] for a in eth0["addr_info"] if a["scope"] == "global"} == {HOST4}
-    assert "IPv6: no default route on the host, IPv6 disabled" in r.stderr
+def _echo_through(topo, procs, server_ns, bind: str, client_cmd: list[str], connect: str,
+                  port: int) -> None:
+    """A sha256-checked 256 KiB transfer from the pasta namespace to a listener of the test."""
+    p = procs.start(server_ns.cmd(sys.executable, XFER, "server", "--bind", bind, "--port",
+                                  str(port), "--mode", "sink", "--size", str(256 << 10)),
+                    text=True)
+    assert json.loads(p.stdout.readline()) == {"listening": port}
+    r = run(client_cmd + [sys.executable, XFER, "client", "--connect", connect, "--port",
+                          str(port), "--mode", "send", "--size", str(256 << 10)],
+            check=False, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["ok"], r.stdout + r.stderr
 
 
-def test_host_without_any_default_route(topo, pasta):
+def _ns_view(topo, pasta, procs, tmp_path, *opts: str):
+    """pasta --config-net on the host as the test left it: (addresses, routes, stderr, target)."""
+    target = topo.target()
+    pidfile = tmp_path / "pasta.pid"
+    r = topo.host.run(*pasta, "--config-net", "-P", str(pidfile), *opts,
+                      "--netns", target.name, check=False, timeout=30)
+    assert r.returncode == 0, r.stderr
+    procs.adopt(int(pidfile.read_text()))
+    pidfile.unlink()
+    links = json.loads(target.run("ip", "-j", "addr", "show").stdout)
+    routes = json.loads(target.run("ip", "-j", "route", "show").stdout) + json.loads(
+        target.run("ip", "-j", "-6", "route", "show").stdout)
+    return {a["ifname"]: a for a in links}, routes, r.stderr, target
+
+
+def test_host_with_prefix_routes_only(topo, pasta, procs, tmp_path):
+    """No default route: the first interface with any route is the template (passt 2026)."""
     topo.host.run("ip", "route", "del", "default")
     topo.host.run("ip", "-6", "route", "del", "default")
-    r = topo.host.run(*pasta, "--config-net", "--", "sh", "-c", "ip -j addr show; exit 3",
-                      check=False)
-    assert r.returncode == 3, r.stderr
-    # no outbound interface to name it after: the tap is tap0, up, with no global address
-    tap = next(a for a in json.loads(r.stdout) if a["ifname"] == "tap0")
+    links, routes, err, target = _ns_view(topo, pasta, procs, tmp_path)
+    got = {(a["local"], a["prefixlen"]) for a in links["eth0"]["addr_info"]
+           if a["scope"] == "global"}
+    assert got == {(HOST4, PREFIX4), (HOST6, PREFIX6)}
+    assert not [r for r in routes if r["dst"] == "default"], routes
+    assert "no default gateway on the host" in err
+    # the on-link neighbours of the host are reached through pasta
+    _echo_through(topo, procs, topo.router, GW4, target.cmd(), GW4, 5731)
+    _echo_through(topo, procs, topo.router, GW6, target.cmd(), GW6, 5732)
+
+
+def test_host_without_routes_is_local_mode(topo, pasta, procs, tmp_path):
+    """passt(1), "Local mode for disconnected setups": 169.254.2.1 via 169.254.2.2, and
+    IPv6 through fe80::1 with no address; the gateways still lead to the host's loopback."""
+    topo.host.run("ip", "-6", "route", "del", "default")
+    topo.host.run("ip", "addr", "flush", "dev", "eth0", "scope", "global")
+    assert topo.host.run("ip", "route", "show").stdout.strip() == ""
+    assert [r["dst"] for r in json.loads(topo.host.run("ip", "-j", "-6", "route").stdout)] \
+        == ["fe80::/64"]
+    links, routes, err, target = _ns_view(topo, pasta, procs, tmp_path)
+    tap = links["tap0"]                       # no template interface to name it after
     assert "UP" in tap["flags"]
-    assert not [a for a in tap["addr_info"] if a.get("scope") == "global"]
-    assert "no default route on the host" in r.stderr
-    # asking for a family that does not exist is an error, though
-    r = topo.host.run(*pasta, "-4", "--config-net", "--", "true", check=False)
-    assert r.returncode == 1 and "IPv4 only" in r.stderr
+    assert [(a["local"], a["prefixlen"]) for a in tap["addr_info"] if a["scope"] == "global"] \
+        == [("169.254.2.1", 16)]
+    defaults = {r.get("gateway") for r in routes if r["dst"] == "default"}
+    assert defaults == {"169.254.2.2", "fe80::1"}
+    assert "IPv4: no host interface with a route, local mode" in err
+    assert "IPv6: no host interface with a route, local mode" in err
+    _echo_through(topo, procs, topo.host, "127.0.0.1", target.cmd(), "169.254.2.2", 5733)
+    _echo_through(topo, procs, topo.host, "::1", target.cmd(), "fe80::1%tap0", 5734)
+    # one family asked for, and none on the host: local mode too, not an error
+    r = topo.host.run(*pasta, "-4", "--config-net", "--", "ip", "-j", "-4", "addr", "show",
+                      "tap0")
+    assert json.loads(r.stdout)[0]["addr_info"][0]["local"] == "169.254.2.1"
 
 
 def test_runas_and_log_file(topo, pasta, tmp_path, procs, test_user):

@@ -113,7 +113,9 @@ def client_one(args: argparse.Namespace, seed: int) -> dict:
     s.settimeout(args.timeout)
     t0 = time.monotonic()
     try:
-        s.connect((args.connect, args.port))
+        # through getaddrinfo, so that a scope ("fe80::1%tap0") reaches the sockaddr
+        s.connect(socket.getaddrinfo(args.connect, args.port, s.family,
+                                     socket.SOCK_STREAM)[0][4])
         if args.mode == "send":
             data = payload(seed, args.size)
             s.sendall(data)

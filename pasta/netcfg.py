@@ -2,7 +2,7 @@
 
 What C pasta does, and podman expects from `--config-net`: `lo` up; the tap
 with our MTU and, if given, its MAC; with `--config-net` the host's addresses
-(IPv6 ones `nodad`) and routes copied onto it and the link up.  Without
+(IPv6 ones `nodad`, the link-local too) and routes copied onto it and the link up.  Without
 `--config-net` only `lo` and the MTU/MAC are set, and the guest configures
 itself through DHCP, SLAAC or DHCPv6.
 
@@ -22,6 +22,7 @@ from common.conf import Config
 from common.helper import Helper
 
 IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
 
 
 @dataclass
@@ -44,11 +45,12 @@ def plan(conf: Config, ifname: str, mac: str | None, *, config_net: bool,
         if fam is None:
             continue
         host_addrs = [(str(i.ip), i.network.prefixlen) for i in fam.host_addrs]
-        guest = (str(fam.addr), fam.prefix_len)
-        if copy_addrs and guest in host_addrs:
-            p.addrs += [guest] + [a for a in host_addrs if a != guest]
-        else:
-            p.addrs.append(guest)
+        if fam.addr is not None:            # None: IPv6 local mode, the link-local only
+            guest = (str(fam.addr), fam.prefix_len)
+            if copy_addrs and guest in host_addrs:
+                p.addrs += [guest] + [a for a in host_addrs if a != guest]
+            else:
+                p.addrs.append(guest)
         host_gw = next((r.gateway for r in fam.host_routes if r.dst == "default"), None)
         if copy_routes and fam.gateway is not None and str(fam.gateway) == host_gw:
             p.routes += [(r.dst, r.gateway, r.metric) for r in fam.host_routes]
@@ -83,6 +85,15 @@ def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict
         ipr.link("set", **link)
         if p.up:
             ipr.link("set", index=idx, state="up")
+            # The kernel's link-local stays tentative (duplicate address detection,
+            # after a random delay of up to a second) and unusable meanwhile; in
+            # IPv6 local mode it is the only address, and routes via fe80::1 need
+            # it.  Like the global addresses, it gets no DAD: put it back "nodad".
+            for a in ipr.get_addr(family=10, index=idx, scope=253):
+                if a["flags"] & IFA_F_TENTATIVE:
+                    ll, plen = a.get_attr("IFA_ADDRESS"), a["prefixlen"]
+                    ipr.addr("del", index=idx, address=ll, prefixlen=plen)
+                    ipr.addr("add", index=idx, address=ll, prefixlen=plen, flags=IFA_F_NODAD)
         for addr, prefix in p.addrs:
             family = 6 if ":" in addr else 4
             kwargs = {"index": idx, "address": addr, "prefixlen": prefix}
