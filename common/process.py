@@ -1,5 +1,5 @@
 """Process life: what starts once the Config stands, daemonising with a readiness
-handshake, the pid file.
+handshake, the pid file, and serving after readiness (`serve`).
 
 `daemonize()` forks.  The parent stays until the child reports, then exits:
 0 once the child says it is ready (namespace configured, sockets listening),
@@ -14,10 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from common.conf import Config
+
+
+class Served(Protocol):
+    def run(self) -> int: ...
+    def close(self) -> None: ...
 
 
 class SetupError(Exception):
@@ -139,3 +144,25 @@ def begin(conf: Config, prog: str) -> tuple[PidFile, tuple[int, int] | None]:
     except OSError as exc:
         raise SetupError(exc.strerror) from None
     return pid_file, isolation.target_ids(conf.process.runas)
+
+
+def serve(session: Served, pid_file: PidFile, prog: str) -> int:
+    """After readiness: run until the loop stops, then undo everything.
+
+    Whatever ends us now is said on the log (stderr is gone once the parent
+    exited: the log file or syslog): the clean ends by those who decide them
+    (signal, namespace gone, command exited), anything unexpected here.
+    """
+    log = logging.getLogger(prog)
+    code = 1
+    try:
+        code = session.run()
+    except Exception as exc:  # noqa: BLE001 - said on the log, then we exit
+        log.critical("exiting on an unexpected error: %s", exc, exc_info=True)
+    finally:
+        try:
+            session.close()
+        except Exception as exc:  # noqa: BLE001
+            log.error("while exiting: %s", exc, exc_info=True)
+        pid_file.remove()
+    return code

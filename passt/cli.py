@@ -2,7 +2,7 @@
 
     passt [OPTIONS]
 
-The order of start-up matters and is spelled out in `run`: everything that
+The order of start-up matters and is spelled out in `run` and `start_up`: everything that
 can be refused because of bad input is refused before anything is created;
 we fork into the background (unless -f) before creating anything, so that
 the parent can report set-up failures with the child's exit status; the
@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import log as logsetup
-from common.conf import describe, host_config
+from common.conf import Config, describe, host_config
 from common.helper import Helper
 from common.options import program_main
-from common.process import Readiness, SetupError, begin, daemonize
+from common.process import PidFile, Readiness, SetupError, begin, daemonize, serve
+
+if TYPE_CHECKING:
+    from passt.session import Session
 
 log = logging.getLogger("passt")
 
@@ -51,46 +54,51 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
     if not conf.process.foreground:
         readiness = daemonize()
 
-    from passt.session import Session  # noqa: PLC0415
-
-    session = Session(conf, socket_path=opts.get("socket"), fd=fd,
-                      one_off=bool(opts.get("one_off")), owner=run_as)
     try:
-        session.setup()
-        session.handle_signals()
+        session = start_up(conf, opts, fd, pid_file, run_as)
     except (SetupError, OSError) as exc:
-        session.close()
         pid_file.remove()
         print(f"passt: {exc}", file=sys.stderr)
         readiness.failed(1)
         return 1
 
-    for line in describe(conf):
-        log.info(line)
-    for line in session.instructions():
-        log.info(line)
-    pid_file.write()
-    if run_as is not None and conf.process.runas is None:
-        log.info("started as root: running as uid %d, gid %d from now on", *run_as)
-    try:
-        session.drop_privileges(run_as)
-    except OSError as exc:
-        session.close()
-        pid_file.remove()
-        print(f"passt: cannot switch to uid {run_as[0] if run_as else '?'}: {exc.strerror}",
-              file=sys.stderr)
-        readiness.failed(1)
-        return 1
+    # Readiness: from here on nothing may fail for a reason known at set-up.
     if not conf.process.foreground:
         logsetup.detach(conf.log, "passt")
         readiness.ready()
-    session.start()
+    return serve(session, pid_file, "passt")
+
+
+def start_up(conf: Config, opts: dict[str, Any], fd: int | None, pid_file: PidFile,
+             run_as: tuple[int, int] | None) -> Session:
+    """The whole start-up: set-up, then checks, in order.
+
+    Everything that can fail for a reason known now fails here, before the
+    parent is told we are ready; on failure what exists is undone and the
+    error (one line) propagates.
+    """
+    from passt.session import Session  # noqa: PLC0415
+
+    session = Session(conf, socket_path=opts.get("socket"), fd=fd,
+                      one_off=bool(opts.get("one_off")), owner=run_as)
     try:
-        code = session.run()
-    finally:
+        # set-up: capture file, the guest socket, listeners, signals
+        session.setup()
+        session.handle_signals()
+        for line in describe(conf):
+            log.info(line)
+        for line in session.instructions():
+            log.info(line)
+        pid_file.write()
+        if run_as is not None and conf.process.runas is None:
+            log.info("started as root: running as uid %d, gid %d from now on", *run_as)
+        session.drop_privileges(run_as)
+        session.start()
+        # (the sandbox is entered here)
+    except BaseException:
         session.close()
-        pid_file.remove()
-    return code
+        raise
+    return session
 
 
 if __name__ == "__main__":

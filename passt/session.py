@@ -121,7 +121,7 @@ class Session:
             self.loop.on_signal(signum, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int) -> None:
-        log.info("%s: exiting", signal.Signals(signum).name)
+        log.warning("%s: exiting", signal.Signals(signum).name)
         self.loop.stop(0)
 
     def instructions(self) -> list[str]:
@@ -130,7 +130,11 @@ class Session:
         return qemu_hint(self.path)
 
     def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
-        isolation.switch_user(run_as)
+        try:
+            isolation.switch_user(run_as)
+        except OSError as exc:
+            raise SetupError(f"cannot switch to uid {run_as[0] if run_as else '?'}: "
+                             f"{exc.strerror}") from None
         isolation.drop_capabilities()
 
     # ------------------------------------------------------------ serving

@@ -3,12 +3,13 @@
     pasta [OPTIONS] [PID | [--] COMMAND [ARG...]]
     pasta [OPTIONS] --netns PATH|NAME
 
-The order of set-up matters and is spelled out in `main`: everything that
-can fail because of bad input is checked before anything is created; the
-user namespace is joined while we are still single-threaded; privileges are
-dropped only once the tap, the namespace thread and every socket exist; the
-parent (or the held-back command) is released only when the namespace is
-configured.
+The order of set-up matters and is spelled out in `run` and `start_up`:
+everything that can fail because of bad input is checked before anything is
+created; the user namespace is joined while we are still single-threaded;
+what must keep working as the run-as user is checked as that user once the
+tap, the namespace thread, every socket and the namespace watch exist;
+privileges are dropped after that; only then is the parent (or the held-back
+command) released: exit 0 means configured and staying up.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import os
 import pwd
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import log as logsetup
-from common.conf import ConfigError, describe, host_config
+from common.conf import Config, ConfigError, describe, host_config
 from common.helper import Helper, HelperError
 from common.options import program_main
-from common.process import Readiness, SetupError, begin, daemonize
+from common.process import PidFile, Readiness, SetupError, begin, daemonize, serve
+
+if TYPE_CHECKING:
+    from pasta.ns import SpawnedCommand, Target
+    from pasta.session import Session
 
 log = logging.getLogger("pasta")
 
@@ -88,14 +93,7 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
     if spawned is None and not conf.process.foreground:
         readiness = daemonize()
     try:
-        from pasta.session import Session  # noqa: PLC0415
-
-        session = Session(conf, opts, target, helper)
-        try:
-            session.setup()
-        except BaseException:
-            session.close()
-            raise
+        session = start_up(conf, opts, target, helper, pid_file, run_as, spawned)
     except (SetupError, ConfigError, HelperError, NamespaceError, OSError) as exc:
         print(f"pasta: {exc}", file=sys.stderr)
         if spawned is not None:
@@ -104,38 +102,48 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
         readiness.failed(1)
         return 1
 
-    for line in describe(conf):
-        log.info(line)
-    pid_file.write()
-    try:
-        session.drop_privileges(run_as)
-    except OSError as exc:
-        print(f"pasta: cannot switch to uid {run_as[0] if run_as else '?'}: {exc.strerror}",
-              file=sys.stderr)
-        session.close()
-        pid_file.remove()
-        if spawned is not None:
-            spawned.abort()
-        readiness.failed(1)
-        return 1
-
+    # Readiness: from here on nothing may fail for a reason known at set-up.
     if spawned is not None:
         # the command owns the terminal's signals; we end when it ends
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-        session.watch_command(spawned.pid)
         spawned.go()
-    else:
-        if not conf.process.foreground:
-            logsetup.detach(conf.log, "pasta")
-            readiness.ready()
-        session.watch_target()
+    elif not conf.process.foreground:
+        logsetup.detach(conf.log, "pasta")
+        readiness.ready()
+    return serve(session, pid_file, "pasta")
+
+
+def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
+             pid_file: PidFile, run_as: tuple[int, int] | None,
+             spawned: SpawnedCommand | None) -> Session:
+    """The whole start-up once the target is open: set-up, then checks, in order.
+
+    Everything that can fail for a reason known now fails here, before the
+    parent (or the held-back command) is told we are ready; on failure what
+    exists is undone and the error (one line) propagates.
+    """
+    from pasta.session import Session  # noqa: PLC0415
+
+    session = Session(conf, opts, target, helper)
     try:
-        code = session.run()
-    finally:
+        # set-up: tap, netlink configuration, data plane, listeners, what ends us
+        session.setup()
+        if spawned is not None:
+            session.watch_command(spawned.pid)
+        else:
+            session.watch_target()
+        # checks, as the user we will run as, while we can still undo everything
+        session.check(run_as)
+        for line in describe(conf):
+            log.info(line)
+        pid_file.write()
+        session.drop_privileges(run_as)
+        # (the sandbox is entered here)
+    except BaseException:
         session.close()
-        pid_file.remove()
-    return code
+        raise
+    return session
 
 
 if __name__ == "__main__":

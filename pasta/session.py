@@ -2,9 +2,13 @@
 
 `setup()` enters the namespace with a helper thread, creates the tap there,
 configures links through netlink, opens the capture file and builds the data
-plane.  `run()` serves until the namespace goes away, the command exits or a
-signal asks us to stop; `close()` undoes what exists (closing the tap fd
-removes the interface), and is safe after a partial `setup()`.
+plane; `watch_target()` / `watch_command()` arrange to notice the end of what
+we serve; `check()` proves, as the user we will run as, that what must keep
+working after readiness does; `drop_privileges()` switches to that user. (`pasta.cli.start_up`
+runs them in that order, before the parent is told we are ready.) `run()`
+serves until the namespace goes away, the command exits or a signal asks us to
+stop; `close()` undoes what exists (closing the tap fd removes the interface),
+and is safe after a partial `setup()`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Session:
         self.forwarding: PastaForwarding | None = None
         self.exit_code = 0
         self._watches: list[object] = []
+        self._netns_watch: NetnsFileWatch | None = None
 
     @property
     def ifname(self) -> str:
@@ -96,22 +101,40 @@ class Session:
         self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int) -> None:
-        log.info("%s: exiting", signal.Signals(signum).name)
+        log.warning("%s: exiting", signal.Signals(signum).name)
         self.loop.stop(0)
 
     def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
-        isolation.switch_user(run_as)
+        try:
+            isolation.switch_user(run_as)
+        except OSError as exc:
+            raise SetupError(f"cannot switch to uid {run_as[0] if run_as else '?'}: "
+                             f"{exc.strerror}") from None
         isolation.drop_capabilities()
         if self.ns is not None:
             self.ns.call(isolation.drop_capabilities)
 
     def watch_target(self) -> None:
         if self.target.netns_path and not self.opts.get("no_netns_quit"):
-            self._watches.append(NetnsFileWatch(self.loop, self.target.netns_path,
-                                                self.target.netns_fd, lambda: self.loop.stop(0)))
+            try:
+                self._netns_watch = NetnsFileWatch(self.loop, self.target.netns_path,
+                                                   self.target.netns_fd,
+                                                   lambda: self.loop.stop(0))
+            except OSError as exc:
+                raise SetupError(f"cannot watch namespace file {self.target.netns_path}: "
+                                 f"{exc.strerror}") from None
+            self._watches.append(self._netns_watch)
         elif self.target.pid is not None:
             self._watches.append(ProcessWatch(self.loop, self.target.pid,
                                               lambda: self._target_exited()))
+
+    def check(self, run_as: tuple[int, int] | None) -> None:
+        """As the user we will run as: the namespace watch works."""
+        if self._netns_watch is not None:
+            try:
+                isolation.check_as(run_as, self._netns_watch.verify)
+            except OSError as exc:
+                raise SetupError(exc.strerror) from None
 
     def _target_exited(self) -> None:
         log.info("process %d exited, exiting", self.target.pid)

@@ -43,16 +43,35 @@ class NetnsFileWatch:
                 self.check()
                 return
 
+    def verify(self) -> None:
+        """The set-up check, made as the user we run as: the periodic check can see
+        the file, and it still is the namespace we opened.  Raises OSError with a
+        one-line reason."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot watch namespace file {self.path} as uid "
+                          f"{os.geteuid()}: {exc.strerror} (see --runas, --no-netns-quit)",
+                          self.path) from None
+        if (st.st_dev, st.st_ino) != self.ident:
+            raise OSError(0, f"namespace file {self.path} changed while we set up")
+
     def gone(self) -> bool:
         try:
             st = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
+            log.info("namespace file %s is gone, exiting", self.path)
             return True
-        return (st.st_dev, st.st_ino) != self.ident
+        except OSError as exc:
+            log.warning("cannot check namespace file %s: %s, exiting", self.path, exc.strerror)
+            return True
+        if (st.st_dev, st.st_ino) != self.ident:
+            log.info("namespace file %s no longer is our namespace, exiting", self.path)
+            return True
+        return False
 
     def check(self) -> None:
         if self.gone():
-            log.info("namespace file %s is gone, exiting", self.path)
             self.timer.cancel()
             self.on_gone()
 
