@@ -116,6 +116,8 @@ class ProcessConfig:
     foreground: bool = False
     pid_file: str | None = None
     runas: tuple[int, int] | None = None   # explicit --runas
+    control: str | None = None             # -c: the control socket's path (pesto(1))
+    chroot_fallback: bool = False          # --chroot-fallback: for the sandbox (issue 10)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     notes: tuple[str, ...] = ()          # what discovery left out, said at start-up
+    freebind: bool = False               # --freebind: forwarded ports bind any address
+    splice_only: bool = False            # --splice-only (pasta): no tap, loopback only
+    stats: int = 0                       # --stats DELAY: event counters every DELAY s
 
 
 # ---------------------------------------------------------------- value parsers
@@ -326,13 +331,17 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         search = host.search
 
     mac = parse_mac(opts["mac_addr"]) if opts.get("mac_addr") else None
+    # --splice-only (pasta): no tap, so no addresses, routes or services for a guest
+    splice_only = mode == "pasta" and bool(opts.get("splice_only"))
+    if splice_only and opts.get("no_splice"):
+        raise ConfigError("--splice-only is incompatible with --no-splice")
 
     # IPv4: the template is the host interface found by `hostinfo` (default route,
     # else the first with any route), if it has an address; else local mode.
     ip4 = None
     fam = host.v4
     tmpl = fam if fam is not None and fam.addrs else None
-    if not opts.get("ipv6_only"):
+    if not opts.get("ipv6_only") and not splice_only:
         if tmpl is None:
             notes.append("IPv4: " + (f"no address on {fam.ifname}" if fam else
                                      "no host interface with a route") + ", local mode")
@@ -369,7 +378,7 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
     ip6 = None
     fam = host.v6
     tmpl = fam if fam is not None and fam.addrs else None
-    if not opts.get("ipv4_only"):
+    if not opts.get("ipv4_only") and not splice_only:
         if tmpl is None:
             notes.append("IPv6: " + (f"no global address on {fam.ifname}" if fam else
                                      "no host interface with a route") + ", local mode")
@@ -410,7 +419,9 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
 
     fwd = {}
     if forward_parser is not None:
-        fwd = forward_parser(mode, opts, services)
+        families = tuple(v for v, c in ((4, ip4), (6, ip6)) if c is not None) or (
+            (4,) if opts.get("ipv4_only") else (6,) if opts.get("ipv6_only") else (4, 6))
+        fwd = forward_parser(mode, opts, services, families=families)
 
     return Config(
         mtu=mtu,
@@ -431,9 +442,28 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
                       size=log_size),
         process=ProcessConfig(foreground=bool(opts.get("foreground")),
                               pid_file=opts.get("pid_file"),
-                              runas=parse_runas(opts["runas"]) if opts.get("runas") else None),
+                              runas=parse_runas(opts["runas"]) if opts.get("runas") else None,
+                              control=opts.get("conf_path") or None,
+                              chroot_fallback=bool(opts.get("chroot_fallback"))),
+        freebind=bool(opts.get("freebind")),
+        splice_only=splice_only,
+        stats=_stats_delay(mode, opts),
         notes=tuple(notes),
     )
+
+
+def _stats_delay(mode: str, opts: dict[str, Any]) -> int:
+    """--stats DELAY: counters go to stderr, so there must be one (-f, or a pasta command)."""
+    text = opts.get("stats")
+    if text is None:
+        return 0
+    delay = parse_int(text, "--stats delay", 0, 86400)
+    target = opts.get("target") or []
+    command = mode == "pasta" and not opts.get("netns") and not (
+        len(target) == 1 and target[0].isdigit())
+    if delay and not opts.get("foreground") and not command:
+        raise ConfigError("--stats needs --foreground: the counters go to standard error")
+    return delay
 
 
 def _offered_dns(resolvers: list, dns_forward, map_loopback) -> tuple:

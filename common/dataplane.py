@@ -9,6 +9,7 @@ Advertisements).
 from __future__ import annotations
 
 import logging
+import sys
 
 from common import ndp
 from common.conf import Config
@@ -52,12 +53,16 @@ class DataPlane:
             self.demux.icmp6 = self.icmp.on_frame6
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
         self._ra_timer = None
+        self._stats_timer = None
+        self._stats_last: dict[str, int] = {}
         self.on_tap_gone = lambda: loop.stop(0)
 
     def start(self) -> None:
         self.loop.add(self.tap.fileno(), IN, self._tap_readable)
         if self.conf.services.ra and self.conf.ip6 is not None:
             self._ra_timer = self.loop.call_every(RA_INTERVAL, self.send_ra, first=0.2)
+        if self.conf.stats:
+            self._stats_timer = self.loop.call_every(self.conf.stats, self.print_stats)
 
     def send_ra(self) -> None:
         self.tap.send_frame(ndp.router_advertisement(self.conf, self.guest))
@@ -75,6 +80,26 @@ class DataPlane:
             log.info("guest link closed")
             self.loop.remove(self.tap.fileno())
             self.on_tap_gone()
+
+    def counters(self) -> dict[str, int]:
+        """Every event counter of the data plane, flat: `tcp.opened` and the like."""
+        out = {"tap.frames_in": getattr(self.tap, "frames_in", 0),
+               "tap.frames_out": getattr(self.tap, "frames_out", 0)}
+        for name, counters in (("frames", self.demux.counters),
+                               ("tcp", self.tcp.counters if self.tcp else {}),
+                               ("udp", self.udp.stats() if self.udp else {}),
+                               ("icmp", self.icmp.counters if self.icmp else {})):
+            out.update((f"{name}.{k}", v) for k, v in counters.items())
+        return out
+
+    def print_stats(self) -> None:
+        """--stats: the counters that moved since the last time, to stderr; nothing if none."""
+        now = self.counters()
+        moved = {k: v for k, v in now.items() if v != self._stats_last.get(k, 0)}
+        self._stats_last = now
+        if moved:
+            print("stats: " + " ".join(f"{k}={v}" for k, v in sorted(moved.items())),
+                  file=sys.stderr, flush=True)
 
     def log_counters(self) -> None:
         for name, counters in (("frames", self.demux.counters),
@@ -95,5 +120,7 @@ class DataPlane:
             self.icmp.close_all()
         if self._ra_timer is not None:
             self._ra_timer.cancel()
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
         if self.loop.watching(self.tap.fileno()):
             self.loop.remove(self.tap.fileno())

@@ -1,36 +1,42 @@
-"""Port-forwarding specifications: the `-t/-u/-T/-U SPEC` syntax and what it selects.
+"""Port-forwarding tables: the `-t/-u/-T/-U SPEC` syntax and the rules it builds.
 
-This module owns the parsing and validation of forwarding specs and the
-defaults C passt/pasta apply to them.  It does no I/O except reading the
-ephemeral port range; binding sockets and following `auto` at run time belong
-to the listeners (the ports bound on the other side come from `procnet`).
+This module owns the parsing and validation of forwarding specs, the table of
+rules they build, how rules combine, and the defaults C passt/pasta apply.  It
+does no I/O except reading the ephemeral port range; binding sockets, and
+following `auto` at run time, belong to `listeners`.
 
-SPEC is one of:
+A table is a sequence of `Rule`s, each a range of listening ports on one
+address (or every address: `*`) and interface, the target port of its first
+port, optionally a target address, and two flags: `weak` (best effort: a port
+that cannot be bound is skipped) and `scan` (`auto`: a port is bound only
+while something listens on it on the other side).
 
-- `none`: forward nothing;
-- `auto` (pasta only): follow the ports bound on the other side;
-- `all`: every port from 1 to 65535 except the ephemeral range;
-- `[ADDR[%IF]/]LIST`: LIST is comma-separated items `FIRST[-LAST][:TOFIRST[-TOLAST]]`
-  and exclusions `~FIRST[-LAST]`; an exclusion-only LIST means every other
-  non-ephemeral port.  ADDR is IPv4 or IPv6 (brackets around IPv6 are accepted
-  although C pasta refuses them), `%IF` binds to an interface and may also be
-  given without ADDR.
+SPEC is `none`, or `[ADDR[%IF]/]ITEMS` where ADDR is IPv4, IPv6 (brackets
+allowed), `*` or `[*]` (every address; also what no ADDR means), and ITEMS
+is a comma-separated list of:
 
-Several specs may be given for one option (`-t 22 -t 80:8080`): they combine,
-and no source port may be forwarded twice, whatever the address (like C pasta,
-whose map has one target per port).  The keywords `none`, `auto` and `all` stand
-alone.  Exclusions apply to the spec they appear in, whatever their position in
-it; an item whose every port is excluded is an error (C pasta accepts it, then
-fails to bind).  Deliberate differences from the C parser, which reads numbers
-with strtoul: port 0, signs and hex are refused, and `all` is allowed in pasta
-too.
+- `FIRST[-LAST][:TARGET]`, TARGET being `TOFIRST[-TOLAST]`, `TOADDR`, or
+  `TOADDR/TOFIRST[-TOLAST]` (`-t 0.0.0.0/5000:192.0.2.5/6000`);
+- `~FIRST[-LAST]`: never forward these (whatever their position);
+- `all[:TOADDR]`: every non-ephemeral port not excluded, best effort;
+- `auto` (pasta only): every rule of this spec becomes a scanning one.
+
+A spec with no FIRST[-LAST] item means every non-ephemeral port that is not
+excluded, best effort (`-t auto`, `-t ~22`, `-t all`).
+
+Rules of one table must not overlap (same ports, addresses that meet),
+with one exception of ours, beyond C passt: a best-effort rule gives way to
+an exact one, so that `-t auto -t 18082` (what podman builds from
+`pasta_options = ["-t", "auto"]` and `-p 18082:18082`) forwards 18082 always
+and scans the rest.  Deliberate differences from the C parser, which reads
+numbers with strtoul: port 0, signs and hex are refused, an item whose every
+port is excluded is an error, and `all` is allowed in pasta too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
@@ -38,90 +44,107 @@ PORT_MAX = 65535
 IFNAMSIZ = 16                      # Linux: interface names are at most 15 bytes + NUL
 EPHEMERAL_PATH = "/proc/sys/net/ipv4/ip_local_port_range"
 EPHEMERAL_DEFAULT = (32768, 60999)  # the kernel's default ip_local_port_range
+RULES_MAX = 256                    # rules per table (C passt: 256 too)
+
+Address = IPv4Address | IPv6Address
 
 
 class SpecError(ValueError):
-    """A forwarding spec that cannot be parsed; the message is one line."""
+    """A forwarding spec that cannot be parsed or added; the message is one line."""
 
 
 @dataclass(frozen=True, slots=True)
-class PortMap:
-    """One forwarded port: listen on `port` (at `addr`/`ifname` if given), reach `to_port`."""
-    port: int
-    to_port: int
-    addr: IPv4Address | IPv6Address | None = None
+class Rule:
+    """Listen on ports first..last at `addr` (None: every address) and `ifname`;
+    port p goes to port `to + p - first`, at `to_addr` (None: the guest's)."""
+    first: int
+    last: int
+    to: int
+    addr: Address | None = None
     ifname: str | None = None
+    to_addr: Address | None = None
+    weak: bool = False
+    scan: bool = False
+
+    @property
+    def ports(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def target(self, port: int) -> int:
+        return self.to + port - self.first
+
+    def meets(self, other: Rule) -> bool:
+        """Overlapping ports on addresses that meet: they cannot both be bound."""
+        if self.last < other.first or other.last < self.first:
+            return False
+        a, b = self.addr, other.addr
+        if a is None or b is None:
+            return True
+        if a.is_unspecified or b.is_unspecified:
+            return a.version == b.version
+        return a == b
+
+    def without(self, ports: range) -> list[Rule]:
+        """This rule minus `ports`: zero, one or two rules."""
+        out = []
+        if self.first < ports.start:
+            out.append(replace(self, last=min(self.last, ports.start - 1)))
+        if self.last >= ports.stop:
+            first = max(self.first, ports.stop)
+            out.append(replace(self, first=first, to=self.target(first)))
+        return out
+
+    def __str__(self) -> str:
+        where = "*" if self.addr is None else str(self.addr)
+        where = f"[{where}]" + (f"%{self.ifname}" if self.ifname else "")
+        ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        tolast = self.target(self.last)
+        to = str(self.to) if self.first == self.last else f"{self.to}-{tolast}"
+        if self.to_addr is not None:
+            to = f"{self.to_addr}/{to}"
+        flags = (" (best effort)" if self.weak else "") + (" (auto-scan)" if self.scan else "")
+        return f"{where}:{ports} => {to}{flags}"
 
 
 @dataclass(frozen=True, repr=False)
 class ForwardSpec:
-    """What one protocol/direction forwards.
-
-    auto: follow the ports bound on the other side (pasta); `maps` then lists
-    nothing and `excluded` the ports never to follow.  Otherwise `maps` lists
-    every forwarded port, in the order the specs gave them.  `text` keeps the
-    specs as given, for messages ("failed to bind any port for -t ...").
-    """
-    auto: bool = False
-    maps: tuple[PortMap, ...] = ()
-    excluded: frozenset[int] = frozenset()
+    """The table of one protocol and direction.  `text` keeps the specs as given."""
+    rules: tuple[Rule, ...] = ()
     text: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def enabled(self) -> bool:
-        return self.auto or bool(self.maps)
+        return bool(self.rules)
 
-    @cached_property
-    def by_port(self) -> dict[int, PortMap]:
-        """Source port -> its map (explicit specs; empty for `auto`)."""
-        return {m.port: m for m in self.maps}
-
-    def target(self, port: int) -> int | None:
-        """The port `port` is forwarded to, or None if it is not forwarded."""
-        m = self.by_port.get(port)
-        return None if m is None else m.to_port
-
-    def binds(self, bound: Iterable[int] = ()) -> tuple[PortMap, ...]:
-        """The ports to listen on: `maps`, or for `auto` the `bound` ports of the
-        other side (from a procnet scan) minus `excluded`, untranslated."""
-        if not self.auto:
-            return self.maps
-        return tuple(PortMap(p, p) for p in sorted(set(bound) - self.excluded))
+    @property
+    def scans(self) -> bool:
+        """Some rule follows the other side's bound ports (`auto`)."""
+        return any(r.scan for r in self.rules)
 
     def describe(self) -> str:
-        """Compact summary, e.g. `22->2222, 192.0.2.1%eth0/80-81->8080-8081`."""
-        if self.auto:
-            return "auto" + (f" except {len(self.excluded)} ports" if self.excluded else "")
-        if not self.maps:
+        """Compact summary, e.g. `22->2222, 192.0.2.1%eth0/80-81->8080-8081, auto`."""
+        if not self.rules:
             return "none"
-        runs: list[list[PortMap]] = []         # consecutive ports, targets and binding
-        for m in self.maps:
-            last = runs[-1][-1] if runs else None
-            if (last is not None and m.port == last.port + 1 and m.to_port == last.to_port + 1
-                    and m.addr == last.addr and m.ifname == last.ifname):
-                runs[-1].append(m)
-            else:
-                runs.append([m])
         parts = []
-        for run in runs:
-            first, last = run[0], run[-1]
-            where = "" if first.addr is None else str(first.addr)
-            where += "" if first.ifname is None else f"%{first.ifname}"
+        for r in self.rules:
+            where = "" if r.addr is None else str(r.addr)
+            where += f"%{r.ifname}" if r.ifname else ""
             text = f"{where}/" if where else ""
-            text += str(first.port) if len(run) == 1 else f"{first.port}-{last.port}"
-            if first.to_port != first.port:
-                text += (f"->{first.to_port}" if len(run) == 1
-                         else f"->{first.to_port}-{last.to_port}")
-            parts.append(text)
+            text += str(r.first) if r.first == r.last else f"{r.first}-{r.last}"
+            if r.to != r.first or r.to_addr is not None:
+                to = str(r.to) if r.first == r.last else f"{r.to}-{r.target(r.last)}"
+                text += f"->{r.to_addr}/{to}" if r.to_addr is not None else f"->{to}"
+            parts.append(text + (" (auto)" if r.scan else ""))
         return ", ".join(parts)
 
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.rules))
+
     def __repr__(self) -> str:
-        # `all` lists some 37 000 maps: keep logs and test failures readable
         return f"ForwardSpec({self.describe()})"
 
 
 NONE = ForwardSpec()
-AUTO = ForwardSpec(auto=True)
 
 
 def ephemeral_range(path: str = EPHEMERAL_PATH) -> tuple[int, int]:
@@ -172,47 +195,120 @@ def _range(text: str, what: str) -> tuple[int, int]:
     return first, last
 
 
-def _addr_if(head: str) -> tuple[IPv4Address | IPv6Address | None, str | None]:
-    """`ADDR[%IF]`, `[ADDR][%IF]`, `[ADDR%IF]` or `%IF` -> (address, interface)."""
-    text = head
+def _address(text: str) -> Address | None:
+    """An address, bracketed or not; None if `text` is not one."""
     if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _ifname(name: str, whole: str) -> str:
+    if not name:
+        raise ValueError(f"empty interface name in '{_show(whole)}'")
+    if len(name.encode()) >= IFNAMSIZ:
+        raise ValueError(f"interface name '{_show(name)}' too long "
+                         f"(at most {IFNAMSIZ - 1} bytes)")
+    if name in (".", "..") or any(c in "/:%" or c.isspace() or not c.isprintable()
+                                  for c in name):
+        raise ValueError(f"invalid interface name '{_show(name)}'")
+    return name
+
+
+def _listen_part(head: str) -> tuple[Address | None, str | None]:
+    """`ADDR[%IF]`, `[ADDR]%IF`, `[ADDR%IF]`, `*`, `[*]`, `*%IF` or `%IF`."""
+    text = head
+    if text.startswith("[") and text.endswith("]") and "%" in text:
         text = text[1:-1]                       # [ADDR%IF]
     addr_text, pct, ifname = text.partition("%")
-    if addr_text.startswith("[") and addr_text.endswith("]"):
-        addr_text = addr_text[1:-1]             # [ADDR]%IF
-    if pct and not ifname:
-        raise ValueError(f"empty interface name in '{_show(head)}'")
-    if ifname:
-        if len(ifname.encode()) >= IFNAMSIZ:
-            raise ValueError(f"interface name '{_show(ifname)}' too long "
-                             f"(at most {IFNAMSIZ - 1} bytes)")
-        if ifname in (".", "..") or any(c in "/:%" or c.isspace() or not c.isprintable()
-                                         for c in ifname):
-            raise ValueError(f"invalid interface name '{_show(ifname)}'")
-    if not addr_text:
-        if not ifname:
+    name = _ifname(ifname, head) if pct else None
+    if addr_text in ("", "*", "[*]"):
+        if not addr_text and not pct:
             raise ValueError("empty address before '/'")
-        return None, ifname
-    try:
-        addr = ip_address(addr_text)
-    except ValueError:
-        raise ValueError(f"invalid address '{_show(addr_text)}'") from None
-    return addr, ifname or None
+        return None, name
+    addr = _address(addr_text)
+    if addr is None:
+        raise ValueError(f"invalid address '{_show(addr_text)}'")
+    return addr, name
 
 
-def _parse_list(spec: str, want_eph: Callable[[], tuple[int, int]]) -> list[PortMap]:
-    """One `[ADDR[%IF]/]LIST` spec -> its maps (exclusions applied)."""
-    head, slash, body = spec.rpartition("/")
-    addr, ifname = _addr_if(head) if slash else (None, None)
+def _target(text: str, src: tuple[int, int]) -> tuple[int, Address | None]:
+    """After ':': `TOFIRST[-TOLAST]`, `TOADDR` or `TOADDR/TOFIRST[-TOLAST]`."""
+    first, last = src
+    addr_text, slash, ports = text.rpartition("/")
+    if slash:
+        to_addr = _address(addr_text)
+        if to_addr is None:
+            raise ValueError(f"invalid target address '{_show(addr_text)}'")
+    else:
+        to_addr = _address(text)
+        if to_addr is not None:
+            return first, to_addr
+        ports = text
+    to_first, to_last = _range(ports, "target port")
+    if to_last - to_first != last - first:
+        raise ValueError(f"target {ports} is {_ports(to_last - to_first + 1)}, "
+                         f"source {first if first == last else f'{first}-{last}'} is "
+                         f"{_ports(last - first + 1)}")
+    return to_first, to_addr
+
+
+def _split_listen(spec: str) -> tuple[str | None, str]:
+    """(listening part, items).  A '/' among the items only ever follows a ':' (a
+    target address), so what stands before the first '/' is the listening part
+    when it has no ':', looks like one (`[`, `%`, `*`), or is an IPv6 address."""
+    head, slash, body = spec.partition("/")
+    if not slash:
+        return None, spec
+    if ":" not in head or head[:1] in ("[", "%", "*") or "%" in head \
+            or _address(head) is not None:
+        return head, body
+    return None, spec
+
+
+def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
+                ephemeral: Callable[[], tuple[int, int]] | tuple[int, int] = ephemeral_range,
+                ns_side: bool = False) -> list[Rule]:
+    """The rules one SPEC (not `none`) builds.  ValueError names what is wrong.
+
+    `families` are the IP versions in use: with only one, "every address" is
+    that family's unspecified address.  `ns_side` is for -T/-U, which listen
+    on the namespace's loopback: no listening or target address there.
+    """
+    text = spec.strip()
+    if not text:
+        raise ValueError("empty spec")
+    head, body = _split_listen(text)
+    addr, ifname = _listen_part(head) if head is not None else (None, None)
+    if ns_side and head is not None:
+        raise ValueError("no listening address or interface for -T/-U: they listen on "
+                         "the namespace's loopback")
     if not body:
         raise ValueError("empty port list")
+    if addr is not None and addr.version not in families:
+        raise ValueError(f"IPv{addr.version} forward, but IPv{addr.version} is disabled")
+    if addr is None and len(families) == 1 and not ns_side:
+        addr = IPv4Address(0) if families[0] == 4 else IPv6Address(0)
 
-    items: list[tuple[str, int, int, int]] = []     # (item, first, last, to_first)
+    includes: list[tuple[int, int, int, Address | None]] = []
     excluded: set[int] = set()
+    scan = False
+    all_to: Address | None = None
     for item in body.split(","):
         if not item:
             raise ValueError("empty item in port list")
-        if item.startswith("~"):
+        if item == "auto":
+            if mode != "pasta":
+                raise ValueError("'auto' port forwarding is only for pasta")
+            scan = True
+        elif item == "all" or item.startswith("all:"):
+            if item != "all":
+                all_to = _address(item[4:])
+                if all_to is None:
+                    raise ValueError(f"invalid target address '{_show(item[4:])}'")
+        elif item.startswith("~"):
             if ":" in item:
                 raise ValueError(f"exclusion '{_show(item)}' cannot have a target")
             first, last = _range(item[1:], "port")
@@ -220,51 +316,115 @@ def _parse_list(spec: str, want_eph: Callable[[], tuple[int, int]]) -> list[Port
             if clash:
                 raise ValueError(f"port {min(clash)} excluded twice")
             excluded.update(range(first, last + 1))
-            continue
-        src, colon, dst = item.partition(":")
-        first, last = _range(src, "port")
-        if colon:
-            to_first, to_last = _range(dst, "target port")
-            if to_last - to_first != last - first:
-                raise ValueError(f"target {dst} is {_ports(to_last - to_first + 1)}, "
-                                 f"source {src} is {_ports(last - first + 1)}")
         else:
-            to_first = first
-        items.append((item, first, last, to_first))
+            src, colon, dst = item.partition(":")
+            first, last = _range(src, "port")
+            to, to_addr = _target(dst, (first, last)) if colon else (first, None)
+            includes.append((first, last, to, to_addr))
 
-    if not items:
-        if not excluded:
-            raise ValueError("empty port list")
-        lo, hi = want_eph()
-        items.append(("", 1, PORT_MAX, 1))
-        excluded.update(range(lo, hi + 1))
-
-    maps: list[PortMap] = []
-    for item, first, last, to_first in items:
-        kept = [PortMap(p, p - first + to_first, addr, ifname)
-                for p in range(first, last + 1) if p not in excluded]
-        if not kept and item:
-            raise ValueError(f"every port of '{_show(item)}' is excluded")
-        maps += kept
-    if not maps:
+    weak = not includes
+    if weak:
+        lo, hi = ephemeral() if callable(ephemeral) else ephemeral
+        includes = [(1, PORT_MAX, 1, all_to)]
+        excluded |= set(range(lo, hi + 1))
+    rules: list[Rule] = []
+    for first, last, to, to_addr in includes:
+        if to_addr is not None:
+            _check_target(addr, to_addr, ns_side)
+        made = _runs(Rule(first, last, to, addr, ifname, to_addr, weak, scan), excluded)
+        if not made and not weak:
+            item = str(first) if first == last else f"{first}-{last}"
+            raise ValueError(f"every port of '{item}' is excluded")
+        rules += made
+    if not rules:
         raise ValueError("no port left to forward")
-    return maps
+    return rules
+
+
+def _check_target(addr: Address | None, to_addr: Address, ns_side: bool) -> None:
+    if ns_side:
+        raise ValueError("no target address for -T/-U: they reach the host's loopback")
+    if to_addr.is_multicast or to_addr.is_unspecified:
+        raise ValueError(f"invalid target address {to_addr}")
+    if addr is None:
+        other = "0.0.0.0" if to_addr.version == 4 else "[::]"
+        raise ValueError(f"a target address needs a listening address of its family "
+                         f"(did you mean {other}/...?)")
+    if addr.version != to_addr.version:
+        raise ValueError(f"IPv{addr.version} listening address {addr} with IPv"
+                         f"{to_addr.version} target {to_addr}")
+
+
+def _runs(rule: Rule, excluded: set[int]) -> list[Rule]:
+    """`rule` split around the excluded ports."""
+    out, start = [], None
+    for p in range(rule.first, rule.last + 2):
+        inside = p <= rule.last and p not in excluded
+        if inside and start is None:
+            start = p
+        elif not inside and start is not None:
+            out.append(replace(rule, first=start, last=p - 1, to=rule.target(start)))
+            start = None
+    return out
+
+
+# ---------------------------------------------------------------- combining
+
+
+def add_rules(table: Sequence[Rule], new: Iterable[Rule]) -> list[Rule]:
+    """`table` with `new` added, in order.  Overlaps are errors, except that a
+    best-effort rule gives way to an exact one (module docstring)."""
+    out = list(table)
+    for rule in new:
+        adding = [rule]
+        for old in list(out):
+            if not any(old.meets(a) for a in adding):
+                continue
+            if old.weak and not rule.weak:
+                at = out.index(old)
+                out[at:at + 1] = old.without(rule.ports)
+            elif rule.weak and not old.weak:
+                adding = [piece for a in adding for piece in a.without(old.ports)]
+            else:
+                raise SpecError(f"{rule} conflicts with {old}")
+        out += adding
+        if len(out) > RULES_MAX:
+            raise SpecError(f"too many rules (at most {RULES_MAX})")
+    return out
+
+
+def delete_rules(table: Sequence[Rule], gone: Iterable[Rule]) -> list[Rule]:
+    """`table` without `gone`, each of which must be in it exactly."""
+    out = list(table)
+    for rule in gone:
+        if rule in out:
+            out.remove(rule)
+            continue
+        clash = next((r for r in out if r.meets(rule)), None)
+        if clash is not None:
+            raise SpecError(f"{rule} conflicts with {clash}, but doesn't match it: "
+                            "can't delete")
+        raise SpecError(f"no rule {rule} to delete")
+    return out
 
 
 def parse_forward(specs: Sequence[str], *, mode: str, proto: str,
+                  families: Sequence[int] = (4, 6),
                   ephemeral: tuple[int, int] | None = None,
                   option: str | None = None) -> ForwardSpec:
-    """Combine the specs given for one option into a ForwardSpec.
+    """The table the specs given for one option build.
 
     `mode` is "pasta" or "passt" (only pasta has `auto`); `proto` "tcp" or
     "udp" names the protocol in messages, as `option` (e.g. "-t") does when
-    given.  `ephemeral` is the (first, last) port range `all` and
-    exclusion-only specs leave out; by default it is read from /proc, and only
-    when such a spec needs it.  An empty `specs` means `none`.
+    given; -T/-U (`option` in upper case) listen on the namespace's loopback.
+    `ephemeral` is the (first, last) port range best-effort specs leave out;
+    by default it is read from /proc, and only when such a spec needs it.
+    `none` first is a no-op (podman passes it); after other specs, an error.
     """
     if mode not in ("pasta", "passt"):
         raise ValueError(f"unknown mode {mode!r}")
     label = option or f"{proto.upper()} port spec"
+    ns_side = option in ("-T", "-U")
     eph_cache: list[tuple[int, int]] = []
 
     def want_eph() -> tuple[int, int]:
@@ -272,60 +432,36 @@ def parse_forward(specs: Sequence[str], *, mode: str, proto: str,
             eph_cache.append(ephemeral if ephemeral is not None else ephemeral_range())
         return eph_cache[0]
 
-    texts = tuple(s.strip() for s in specs)
-    keyword = next((t for t in texts if t in ("none", "auto", "all")), None)
-    if keyword is not None and any(t != keyword for t in texts):
-        raise SpecError(f"{label}: '{keyword}' cannot be combined with other specs "
-                        f"({', '.join(_show(t) for t in texts)})")
-    if keyword == "none" or not texts:
-        return ForwardSpec(text=texts)
-    if keyword == "auto":
-        if mode != "pasta":
-            raise SpecError(f"{label} auto: 'auto' port forwarding is only for pasta")
-        return ForwardSpec(auto=True, text=texts)
-    if keyword == "all":
-        if len(texts) > 1:
-            raise SpecError(f"{label} all: 'all' given more than once")
-        lo, hi = want_eph()
-        maps = tuple(PortMap(p, p) for p in range(1, PORT_MAX + 1) if not lo <= p <= hi)
-        return ForwardSpec(maps=maps, text=texts)
-
-    maps: list[PortMap] = []
-    seen: dict[int, int] = {}          # port -> index of the spec that forwards it
-    for index, text in enumerate(texts):
-        if not text:
-            raise SpecError(f"{label}: empty spec")
+    texts = tuple(specs)
+    rules: list[Rule] = []
+    for text in texts:
+        if text.strip() == "none":
+            if rules:
+                raise SpecError(f"{label} none: conflicts with the specs before it")
+            continue
         try:
-            new = _parse_list(text, want_eph)
+            new = parse_rules(text, mode=mode, families=families, ephemeral=want_eph,
+                              ns_side=ns_side)
         except ValueError as e:
             raise SpecError(f"{label} {_show(text)}: {e}") from None
-        for m in new:
-            other = seen.get(m.port)
-            if other is not None:
-                where = "" if other == index else f" (also by {_show(texts[other])})"
-                raise SpecError(f"{label} {_show(text)}: port {m.port} "
-                                f"forwarded twice{where}")
-            seen[m.port] = index
-        maps += new
-    return ForwardSpec(maps=tuple(maps), text=texts)
+        try:
+            rules = add_rules(rules, new)
+        except SpecError as e:
+            raise SpecError(f"{label} {_show(text)}: {e}") from None
+    return ForwardSpec(rules=tuple(rules), text=tuple(t.strip() for t in texts))
 
 
 def udp_follows_tcp(tcp: ForwardSpec) -> ForwardSpec:
-    """The UDP spec C passt/pasta derive from the TCP one when -u/-U is not given.
+    """The UDP table C passt/pasta derive from the TCP one when -u/-U is not given.
 
     The man page: "unless overridden, UDP ports with numbers corresponding to
     forwarded TCP port numbers are forwarded too, without, however, any port
-    translation".  So UDP gets the same source ports with `to_port == port`
-    (`-t 22:2222` gives UDP 22 -> 22), `auto` stays `auto`, `none` stays
-    `none`.  The address and interface binding are kept: the user limited the
-    TCP ports to them, and binding UDP more widely would expose more than was
-    asked.  (The C build installed here binds no UDP socket in that case at
-    all; we follow the documented behaviour.)
+    translation".  So UDP gets the same rules with `to == first` (`-t 22:2222`
+    gives UDP 22 -> 22); addresses, interfaces and flags are kept: the user
+    limited the TCP ports to them, and binding UDP more widely would expose
+    more than was asked.
     """
-    if tcp.auto:
-        return ForwardSpec(auto=True, excluded=tcp.excluded, text=tcp.text)
-    return ForwardSpec(maps=tuple(PortMap(m.port, m.port, m.addr, m.ifname)
-                                  for m in tcp.maps), text=tcp.text)
+    return ForwardSpec(rules=tuple(replace(r, to=r.first) for r in tcp.rules), text=tcp.text)
 
 
 _OPTIONS = {  # key in the option dict -> (flag, proto, direction key)
@@ -337,8 +473,9 @@ _OPTIONS = {  # key in the option dict -> (flag, proto, direction key)
 
 
 def forward_config(mode: str, opts: dict[str, Any], services: Any = None, *,
+                   families: Sequence[int] = (4, 6),
                    ephemeral: tuple[int, int] | None = None) -> dict[str, ForwardSpec]:
-    """The four ForwardSpecs from the parsed options (`common.options` keys).
+    """The four tables from the parsed options (`common.options` keys).
 
     Defaults: passt forwards nothing and has no -T/-U; pasta uses `auto` for
     each option not given.  A missing -u/-U follows -t/-T (`udp_follows_tcp`).
@@ -353,17 +490,19 @@ def forward_config(mode: str, opts: dict[str, Any], services: Any = None, *,
             continue
         if mode == "passt" and out.endswith("_out"):
             raise SpecError(f"{flag}: only pasta forwards ports from a namespace")
-        parsed[out] = parse_forward(given, mode=mode, proto=proto, ephemeral=ephemeral,
-                                    option=flag)
+        parsed[out] = parse_forward(given, mode=mode, proto=proto, families=families,
+                                    ephemeral=ephemeral, option=flag)
 
-    default = AUTO if mode == "pasta" else NONE
     result: dict[str, ForwardSpec] = {}
     for direction in ("in", "out"):
         tcp = parsed[f"tcp_{direction}"]
         udp = parsed[f"udp_{direction}"]
-        if direction == "out" and mode == "passt":
+        if mode == "passt" and direction == "out":
             tcp = udp = NONE
-        tcp = default if tcp is None else tcp
+        if tcp is None:
+            tcp = NONE if mode == "passt" else parse_forward(
+                ["auto"], mode=mode, proto="tcp", families=families, ephemeral=ephemeral,
+                option="-t" if direction == "in" else "-T")
         udp = udp_follows_tcp(tcp) if udp is None else udp
         if services is not None and not getattr(services, "tcp", True):
             tcp = NONE

@@ -1,17 +1,24 @@
-"""Forwarded ports at run time: the listening sockets of one protocol and direction.
+"""Forwarded ports at run time: the listening sockets of one forwarding table.
 
-A `PortForwarder` turns a `ForwardSpec` into bound sockets and keeps them in
-step with it: an explicit spec is bound once at start-up (failing loudly if
-no port at all could be bound, as C pasta does); `auto` re-reads the other
-side's bound ports about once a second and binds or closes to match, never
-following ports that we ourselves bound over there (the forwarder of the
-opposite direction tells us which, through `exclude`).
+A `PortForwarder` keeps the sockets of one table (`common.fwd`, one protocol
+and direction) in step with its rules: at start-up every port of an exact
+rule must bind (else `BindError`, naming the port and the reason, and
+nothing stays bound), a best-effort rule must bind at least one port, and
+scanning (`auto`) rules bind the ports the other side listens on, re-read
+about once a second (never ports that we ourselves bound over there: the
+forwarder of the opposite direction tells us which, through `exclude`).
+
+`apply(rules)` replaces the table at run time (the control socket's
+requests): it binds what is new first and gives up, closing only what it
+opened, if an exact port fails, so a request is all or nothing; then it
+closes the sockets of ports no longer forwarded.  Accepted connections are
+not ours to close: a deleted forward's established connections run on.
 
 What a bound port *is* belongs to the protocol: the forwarder calls
-`open_port(family, addr, port, ifname, to_port)` and gets back an object
-with `close()`, or None when binding failed.  `tcp_listener` below is the TCP
-one; UDP has its own.  The sockets are made by `make_socket`, which for the
-namespace side creates them inside the namespace.
+`open_port(family, addr, port, ifname, to_port, to_addr)` and gets back an
+object with `close()` and writable `to_port`/`to_addr`, or an OSError.
+`tcp_listener` below is the TCP one; UDP has its own.  The sockets are made
+by `make_socket`, which for the namespace side creates them in the namespace.
 """
 
 from __future__ import annotations
@@ -19,76 +26,187 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
-from common.fwd import ForwardSpec, PortMap
+from common.fwd import ForwardSpec, Rule
 from common.loop import IN, Loop
 
 log = logging.getLogger("fwd")
 
 SCAN_INTERVAL = 1.0
 BACKLOG = 1024
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
 
 SocketFactory = Callable[[int, int], socket.socket]
-AcceptHandler = Callable[[socket.socket, bytes, int, int, bool], None]
+AcceptHandler = Callable[[socket.socket, bytes, int, int, bool, "bytes | None"], None]
+Key = tuple["IPv4Address | IPv6Address | None", "str | None", int]   # addr, ifname, port
 
 
 class BindError(Exception):
-    """An explicit spec bound nothing; the message is one line."""
+    """A forward could not be bound; the message is one line."""
 
 
 class Bound:
-    """Something with close(): what open_port returns."""
+    """What open_port returns."""
+    to_port: int
+    to_addr: bytes | None
 
     def close(self) -> None: ...
+
+
+
+
+def set_freebind(sock: socket.socket, family: int) -> None:
+    """IP(V6)_FREEBIND: bind addresses the host does not have (yet), --freebind."""
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+
+
+class _Entry:
+    __slots__ = ("to_port", "to_addr", "socks")
+
+    def __init__(self, to_port: int, to_addr: bytes | None, socks: list[Bound]) -> None:
+        self.to_port, self.to_addr, self.socks = to_port, to_addr, socks
 
 
 class PortForwarder:
     def __init__(self, loop: Loop, spec: ForwardSpec, name: str, *,
                  families: tuple[int, ...], loopback_only: bool,
-                 open_port: Callable[[int, str, int, str | None, int], Bound | None],
+                 open_port: Callable[..., Bound],
                  scan: Callable[[], set[int]] | None = None,
                  exclude: Callable[[], set[int]] | None = None) -> None:
         self.loop = loop
-        self.spec = spec
+        self.rules: tuple[Rule, ...] = spec.rules
+        self.text = spec.text
         self.name = name
         self.families = families
         self.loopback_only = loopback_only
         self.open_port = open_port
         self.scan = scan
         self.exclude = exclude or (lambda: set())
-        self.bound: dict[int, list[Bound]] = {}     # source port -> its sockets
+        self.entries: dict[Key, _Entry] = {}
+        self.scanned: set[int] = set()
         self._timer = None
+        self._applied: set[Rule] = set()       # rules whose ports were bound once
 
     @property
     def ports(self) -> set[int]:
-        return set(self.bound)
+        return {key[2] for key in self.entries}
+
+    @property
+    def bound(self) -> dict[int, list[Bound]]:
+        """Source port -> its sockets (all addresses)."""
+        out: dict[int, list[Bound]] = {}
+        for (_, _, port), e in self.entries.items():
+            out.setdefault(port, []).extend(e.socks)
+        return out
 
     def describe_bound(self) -> str:
         """The bound ports, for the log: a list, or a count and range when long."""
-        ports = sorted(self.bound)
+        ports = sorted(self.ports)
         if len(ports) > 8:
             return f"{len(ports)} ports ({ports[0]}-{ports[-1]})"
         return ", ".join(map(str, ports))
 
-    def start(self) -> None:
-        if self.spec.auto:
-            if self.scan is None:
-                raise ValueError(f"{self.name} auto needs a port scanner")
-            self.rescan()
-            self._timer = self.loop.call_every(SCAN_INTERVAL, self.rescan)
-            return
-        for m in self.spec.maps:
-            self._bind(m)
-        if self.spec.maps and not self.bound:
-            raise BindError(f"failed to bind any port for {self.name} "
-                            f"{' '.join(self.spec.text) or self.spec.describe()}")
+    # ------------------------------------------------------------ the table
 
-    def _addresses(self, m: PortMap) -> list[tuple[int, str]]:
-        if m.addr is not None:
-            family = socket.AF_INET6 if isinstance(m.addr, IPv6Address) else socket.AF_INET
-            return [(family, str(m.addr))] if family in self.families else []
+    def start(self) -> None:
+        """Bind the table given at start-up; BindError if it cannot be."""
+        self.apply(self.rules)
+
+    def apply(self, rules: Sequence[Rule]) -> None:
+        """Make `rules` the table: all or nothing (BindError leaves it as it was)."""
+        if any(r.scan for r in rules) and self.scan is None:
+            raise BindError(f"{self.name}: 'auto' needs a port scan, which we have not here")
+        if any(r.scan for r in rules) and not self.scanned:
+            self._rescan_only()
+        self._sync(tuple(rules), new_rules=[r for r in rules if r not in self._applied],
+                   strict=True)
+        self._applied = set(rules)
+        self._set_timer()
+
+    def rescan(self) -> None:
+        self._rescan_only()
+        self._sync(self.rules, new_rules=[], strict=False)
+
+    def _rescan_only(self) -> None:
+        if self.scan is None:
+            return
+        try:
+            self.scanned = self.scan() - self.exclude()
+        except OSError as exc:
+            log.debug("%s auto: scan failed: %s", self.name, exc)
+
+    def _set_timer(self) -> None:
+        want = any(r.scan for r in self.rules)
+        if want and self._timer is None:
+            self._timer = self.loop.call_every(SCAN_INTERVAL, self.rescan)
+        elif not want and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wanted(self, rules: Sequence[Rule]) -> dict[Key, tuple[int, bytes | None, Rule]]:
+        want: dict[Key, tuple[int, bytes | None, Rule]] = {}
+        scanned = self.scanned
+        for rule in rules:
+            to_addr = packed(rule.to_addr) if rule.to_addr is not None else None
+            for port in rule.ports:
+                if rule.scan and port not in scanned:
+                    continue
+                want[(rule.addr, rule.ifname, port)] = (rule.target(port), to_addr, rule)
+        return want
+
+    def _sync(self, rules: tuple[Rule, ...], *, new_rules: list[Rule], strict: bool) -> None:
+        want = self._wanted(rules)
+        opened: dict[Key, _Entry] = {}
+
+        def give_up(message: str) -> None:
+            for e in opened.values():
+                for b in e.socks:
+                    b.close()
+            raise BindError(message)
+
+        fresh = set(new_rules)
+        for key, (to_port, to_addr, rule) in want.items():
+            if key in self.entries:
+                continue
+            try:
+                opened[key] = _Entry(to_port, to_addr, self._open(key, to_port, to_addr))
+            except OSError as exc:
+                if strict and rule in fresh and not rule.weak and not rule.scan:
+                    where = "" if key[0] is None else f" on {key[0]}"
+                    where += f"%{key[1]}" if key[1] else ""
+                    give_up(f"cannot bind {self.name} port {key[2]}{where}: "
+                            f"{exc.strerror or exc}")
+                log.debug("%s: cannot bind port %d: %s", self.name, key[2], exc)
+        if strict:
+            for rule in new_rules:
+                if rule.weak and not rule.scan and not any(
+                        (rule.addr, rule.ifname, p) in opened for p in rule.ports):
+                    give_up(f"failed to bind any port for {self.name} {rule}")
+        # commit: close what is no longer forwarded, retarget what changed
+        for key in list(self.entries):
+            entry = self.entries[key]
+            if key not in want:
+                for b in self.entries.pop(key).socks:
+                    b.close()
+                continue
+            to_port, to_addr, _ = want[key]
+            if (entry.to_port, entry.to_addr) != (to_port, to_addr):
+                entry.to_port, entry.to_addr = to_port, to_addr
+                for b in entry.socks:
+                    b.to_port, b.to_addr = to_port, to_addr
+        self.entries.update(opened)
+        self.rules = rules
+
+    def _addresses(self, addr) -> list[tuple[int, str]]:
+        if addr is not None:
+            family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
+            return [(family, str(addr))] if family in self.families else []
         out = []
         for family in self.families:
             if self.loopback_only:
@@ -97,39 +215,29 @@ class PortForwarder:
                 out.append((family, "::" if family == socket.AF_INET6 else "0.0.0.0"))
         return out
 
-    def _bind(self, m: PortMap) -> None:
-        got = []
-        for family, addr in self._addresses(m):
-            b = self.open_port(family, addr, m.port, m.ifname, m.to_port)
-            if b is not None:
-                got.append(b)
-        if got:
-            self.bound[m.port] = got
-
-    def _unbind(self, port: int) -> None:
-        for b in self.bound.pop(port, ()):
-            b.close()
-
-    def rescan(self) -> None:
+    def _open(self, key: Key, to_port: int, to_addr: bytes | None) -> list[Bound]:
+        """Every socket of one port, or OSError (and none of them)."""
+        addr, ifname, port = key
+        socks: list[Bound] = []
         try:
-            wanted = self.scan() - self.exclude() if self.scan else set()
-        except OSError as exc:
-            log.debug("%s auto: scan failed: %s", self.name, exc)
-            return
-        wanted -= self.spec.excluded
-        for port in list(self.bound):
-            if port not in wanted:
-                log.debug("%s auto: port %d no longer bound, closing", self.name, port)
-                self._unbind(port)
-        for port in sorted(wanted - set(self.bound)):
-            log.debug("%s auto: forwarding port %d", self.name, port)
-            self._bind(PortMap(port, port))
+            for family, text in self._addresses(addr):
+                socks.append(self.open_port(family, text, port, ifname, to_port, to_addr))
+        except OSError:
+            for b in socks:
+                b.close()
+            raise
+        if not socks:
+            raise OSError(errno.EAFNOSUPPORT, "address family not in use")
+        return socks
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for port in list(self.bound):
-            self._unbind(port)
+            self._timer = None
+        for entry in self.entries.values():
+            for b in entry.socks:
+                b.close()
+        self.entries.clear()
 
 
 # ---------------------------------------------------------------- TCP listening sockets
@@ -139,11 +247,12 @@ class TcpListener:
     """One listening socket; accepted connections go to `on_accept`."""
 
     def __init__(self, loop: Loop, sock: socket.socket, to_port: int,
-                 on_accept: AcceptHandler) -> None:
+                 on_accept: AcceptHandler, to_addr: bytes | None = None) -> None:
         self.loop = loop
         self.sock = sock
         self.v6 = sock.family == socket.AF_INET6
         self.to_port = to_port
+        self.to_addr = to_addr
         self.on_accept = on_accept
         loop.add(sock.fileno(), IN, self._readable)
 
@@ -160,37 +269,35 @@ class TcpListener:
                     log.warning("accept: %s: connection refused", exc.strerror)
                 return
             addr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
-            self.on_accept(conn, addr, peer[1], self.to_port, v6)
+            self.on_accept(conn, addr, peer[1], self.to_port, v6, self.to_addr)
 
     def close(self) -> None:
         self.loop.remove(self.sock.fileno())
         self.sock.close()
 
 
-def tcp_listener(loop: Loop, make_socket: SocketFactory, on_accept: AcceptHandler):
-    """An `open_port` for TCP: bind and listen, quietly None when the port is taken."""
+def tcp_listener(loop: Loop, make_socket: SocketFactory, on_accept: AcceptHandler, *,
+                 freebind: bool = False):
+    """An `open_port` for TCP: bind and listen, or OSError."""
 
     def open_port(family: int, addr: str, port: int, ifname: str | None,
-                  to_port: int) -> TcpListener | None:
-        try:
-            sock = make_socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            log.warning("cannot create a socket for port %d: %s", port, exc.strerror)
-            return None
+                  to_port: int, to_addr: bytes | None = None) -> TcpListener:
+        sock = make_socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if freebind:
+                set_freebind(sock, family)
             if ifname:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             sock.bind((addr, port))
             sock.listen(BACKLOG)
             sock.setblocking(False)
-        except OSError as exc:
-            log.debug("cannot listen on %s port %d: %s", addr, port, exc.strerror)
+        except OSError:
             sock.close()
-            return None
-        return TcpListener(loop, sock, to_port, on_accept)
+            raise
+        return TcpListener(loop, sock, to_port, on_accept, to_addr)
 
     return open_port
 

@@ -78,6 +78,8 @@ OPTIONS: tuple[Opt, ...] = (
     # logging and process
     Opt("debug", ("-d", "--debug"), "flag", "Be verbose"),
     Opt("trace", ("--trace",), "flag", "Be extra verbose, show single packets (implies -d)"),
+    Opt("stats", ("--stats",), "value",
+        "Print event counters, at most every DELAY seconds (needs -f)", metavar="DELAY"),
     Opt("quiet", ("-q", "--quiet"), "flag", "Don't print informational messages"),
     Opt("foreground", ("-f", "--foreground"), "flag", "Don't run in background"),
     Opt("stderr", ("-e", "--stderr"), "flag", "Log to standard error too"),
@@ -85,6 +87,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("log_size", ("--log-size",), "value", "Maximum log file size, bytes", metavar="SIZE"),
     Opt("runas", ("--runas",), "value", "Run as UID[:GID] (default: nobody if started as root)",
         metavar="UID[:GID]"),
+    Opt("chroot_fallback", ("--chroot-fallback",), "flag",
+        "If an empty root can't be made with pivot_root, fall back to chroot"),
     Opt("pcap", ("-p", "--pcap"), "value", "Capture guest-side frames to FILE (pcap)",
         metavar="FILE"),
     Opt("pid_file", ("-P", "--pid"), "value", "Write own PID to FILE once ready", metavar="FILE"),
@@ -131,6 +135,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("no_ndp", ("--no-ndp",), "flag", "Disable NDP responses"),
     Opt("no_dhcpv6", ("--no-dhcpv6",), "flag", "Disable the DHCPv6 server"),
     Opt("no_ra", ("--no-ra",), "flag", "Disable Router Advertisements"),
+    Opt("freebind", ("--freebind",), "flag",
+        "Forwarded ports may bind addresses the host does not have (yet)"),
     # address mapping
     Opt("no_map_gw", ("--no-map-gw",), "flag", "Don't map the gateway address to the host"),
     Opt("map_gw", ("--map-gw",), "flag", "Map the gateway address to the host (the default)",
@@ -168,6 +174,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("no_netns_quit", ("--no-netns-quit",), "flag",
         "Keep running when the namespace file goes away", PASTA),
     Opt("no_splice", ("--no-splice",), "flag", "Don't use the loopback splice path", PASTA),
+    Opt("splice_only", ("--splice-only",), "flag",
+        "No tap device: only forward between loopback addresses", PASTA),
     Opt("host_lo_to_ns_lo", ("--host-lo-to-ns-lo",), "flag",
         "Host loopback traffic reaches the namespace's loopback", PASTA),
 )

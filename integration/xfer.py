@@ -92,10 +92,11 @@ def server(args: argparse.Namespace) -> int:
     results: list[dict] = []
     lock = threading.Lock()
     for i in range(args.conns):
-        conn, _ = ls.accept()
+        conn, peer = ls.accept()
 
-        def run(c=conn, s=args.seed + i) -> None:
+        def run(c=conn, s=args.seed + i, who=peer[0]) -> None:
             r = serve_one(c, args, s)
+            r["peer"] = who             # the source address this side saw
             with lock:
                 results.append(r)
                 print(json.dumps(r), flush=True)

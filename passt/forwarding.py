@@ -44,24 +44,26 @@ class PasstForwarding:
                          if c is not None)
         self.tcp_in = PortForwarder(
             loop, conf.tcp_in, "-t", families=families, loopback_only=False,
-            open_port=tcp_listener(loop, host_socket, self._accept_tcp))
+            open_port=tcp_listener(loop, host_socket, self._accept_tcp,
+                                   freebind=conf.freebind))
         self.udp_in = PortForwarder(
             loop, conf.udp_in, "-u", families=families, loopback_only=False,
-            open_port=udp_listener(loop, host_socket, self._udp_handler))
+            open_port=udp_listener(loop, host_socket, self._udp_handler,
+                                   freebind=conf.freebind))
 
     def _udp_handler(self) -> UdpHandler | None:
         dp = self.dataplane()
         return dp.udp if dp is not None else None
 
     def _accept_tcp(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
-                    v6: bool) -> None:
+                    v6: bool, to_addr: bytes | None = None) -> None:
         dp = self.dataplane()
         tcp = dp.tcp if dp is not None else None
         if tcp is None:
             log.debug("TCP connection to forwarded port %d with no guest: reset", to_port)
             _reset(sock)
             return
-        tcp.accept(sock, peer, peer_port, to_port, v6)
+        tcp.accept(sock, peer, peer_port, to_port, v6, to_addr)
 
     def start(self) -> None:
         """Bind every forwarded port; BindError when a spec bound nothing at all."""

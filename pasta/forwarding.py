@@ -68,11 +68,15 @@ class PastaForwarding:
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
                                              (socket.AF_INET6, conf.ip6)) if c is not None)
-        ns_tcp = self._scanner(("tcp", "tcp6"), in_ns=True) if conf.tcp_in.auto else None
-        host_tcp = self._scanner(("tcp", "tcp6"), in_ns=False) if conf.tcp_out.auto else None
+        if conf.splice_only:            # no guest addresses, both loopbacks
+            host_families = (socket.AF_INET, socket.AF_INET6)
+        # scans are ready even without an `auto` rule: the control socket may add one
+        ns_tcp = self._scanner(("tcp", "tcp6"), in_ns=True)
+        host_tcp = self._scanner(("tcp", "tcp6"), in_ns=False)
         self.tcp_in = PortForwarder(
             loop, conf.tcp_in, "-t", families=host_families, loopback_only=False,
-            open_port=tcp_listener(loop, host_socket, self._accept_host),
+            open_port=tcp_listener(loop, host_socket, self._accept_host,
+                                   freebind=conf.freebind),
             scan=ns_tcp, exclude=lambda: self.tcp_out.ports)
         self.tcp_out = PortForwarder(
             loop, conf.tcp_out, "-T", families=(socket.AF_INET, socket.AF_INET6),
@@ -81,12 +85,13 @@ class PastaForwarding:
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
                                                                       family, n))
-        ns_udp = self._scanner(("udp", "udp6"), in_ns=True) if conf.udp_in.auto else None
-        host_udp = self._scanner(("udp", "udp6"), in_ns=False) if conf.udp_out.auto else None
+        ns_udp = self._scanner(("udp", "udp6"), in_ns=True)
+        host_udp = self._scanner(("udp", "udp6"), in_ns=False)
         self.udp_in = PortForwarder(
             loop, conf.udp_in, "-u", families=host_families, loopback_only=False,
             open_port=udp_listener(loop, host_socket, lambda: self.udp,
-                                   self.udp_splicer.from_host if splice else None),
+                                   self.udp_splicer.from_host if splice else None,
+                                   freebind=conf.freebind),
             scan=ns_udp, exclude=lambda: self.udp_out.ports)
         self.udp_out = PortForwarder(
             loop, conf.udp_out, "-U", families=(socket.AF_INET, socket.AF_INET6),
@@ -107,16 +112,18 @@ class PastaForwarding:
         return self.ns.call(socket.socket, family, type_ | socket.SOCK_CLOEXEC)
 
     def _open_udp_ns(self, family: int, addr: str, port: int, ifname: str | None,
-                     to_port: int):
-        sock = bind_udp(self._ns_socket, family, addr, port, ifname)
-        return self.udp_splicer.ns_listener(sock, to_port) if sock is not None else None
+                     to_port: int, to_addr: bytes | None = None):
+        sock = bind_udp(self._ns_socket, family, addr, port, ifname, strict=True)
+        assert sock is not None
+        return self.udp_splicer.ns_listener(sock, to_port)
 
     def _accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
-                     v6: bool) -> None:
-        if self.splice_in and _is_loopback(peer):
+                     v6: bool, to_addr: bytes | None = None) -> None:
+        # a forward with a target address goes through the tap, as in C pasta
+        if self.splice_in and to_addr is None and _is_loopback(peer):
             self.splicer.from_host(sock, to_port, v6)
         elif self.tcp is not None:
-            self.tcp.accept(sock, peer, peer_port, to_port, v6)
+            self.tcp.accept(sock, peer, peer_port, to_port, v6, to_addr)
         else:
             sock.close()
 

@@ -28,7 +28,7 @@ IFA_F_TENTATIVE = 0x40
 @dataclass
 class NetPlan:
     """Everything the helper applies, as plain data."""
-    ifname: str
+    ifname: str | None                  # None: --splice-only, no tap
     mtu: int
     mac: str | None = None
     up: bool = False
@@ -75,6 +75,8 @@ def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict
         lo = ipr.link_lookup(ifname="lo")
         if lo:
             ipr.link("set", index=lo[0], state="up")
+        if not p.ifname:                    # --splice-only: no tap, only lo
+            return done
         found = ipr.link_lookup(ifname=p.ifname)
         if not found:
             raise RuntimeError(f"tap {p.ifname} vanished from the namespace")

@@ -70,6 +70,26 @@ class Session:
     def setup(self) -> None:
         raise_fd_limit()
         self.ns = NsThread(self.target.netns_fd)
+        if self.conf.splice_only:
+            self._setup_splice_only()
+        else:
+            self._setup_tap()
+        try:
+            self.forwarding.start()
+        except BindError as exc:
+            raise SetupError(str(exc)) from None
+        self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
+        self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
+        self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
+
+    def _setup_splice_only(self) -> None:
+        """--splice-only: no tap; lo up in the namespace, loopback forwarding only."""
+        netcfg.apply(self.helper, netcfg.NetPlan(ifname=None, mtu=self.conf.mtu),
+                     self.target.netns_fd, self.target.userns_fd)
+        self.helper.close()
+        self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, None, splice=True)
+
+    def _setup_tap(self) -> None:
         try:
             fd, name = self.ns.call(open_tap, self.ifname, True)
         except TapError as exc:
@@ -92,13 +112,6 @@ class Session:
         self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
                                           splice=not self.opts.get("no_splice"),
                                           udp=self.dataplane.udp)
-        try:
-            self.forwarding.start()
-        except BindError as exc:
-            raise SetupError(str(exc)) from None
-        self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
-        self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
-        self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int) -> None:
         log.warning("%s: exiting", signal.Signals(signum).name)

@@ -122,7 +122,7 @@ class Splicer:
         self._start(sock, peer, ("::1" if v6 else "127.0.0.1", to_port))
 
     def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
-                    v6: bool) -> None:
+                    v6: bool, to_addr: bytes | None = None) -> None:
         """AcceptHandler signature, for -T listeners in the namespace."""
         self.from_ns(sock, to_port, v6)
 

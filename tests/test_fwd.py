@@ -1,4 +1,8 @@
-"""Port-forwarding specs: syntax, validation, defaults (common.fwd)."""
+"""Port-forwarding tables: syntax, validation, combination, defaults (common.fwd).
+
+Each row is input -> the table we build, one rule per line in the form
+`pesto --show` prints: `[listening address]%interface:ports => [target/]ports`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.fwd import (
-    AUTO,
     NONE,
     ForwardSpec,
-    PortMap,
+    Rule,
     SpecError,
+    add_rules,
+    delete_rules,
     ephemeral_range,
     forward_config,
     parse_forward,
@@ -23,113 +28,142 @@ from common.fwd import (
 EPH = (32768, 60999)
 
 
-def r(first, last, to_first=None, addr=None, ifname=None):
-    """Expected rows for a range: (port, to_port, addr, ifname)."""
-    to_first = first if to_first is None else to_first
-    addr = None if addr is None else ip_address(addr)
-    return [(p, p - first + to_first, addr, ifname) for p in range(first, last + 1)]
+def parse(*specs, mode="pasta", proto="tcp", ephemeral=EPH, families=(4, 6), option=None):
+    return parse_forward(list(specs), mode=mode, proto=proto, ephemeral=ephemeral,
+                         families=families, option=option)
 
 
-def rows(spec: ForwardSpec):
-    return [(m.port, m.to_port, m.addr, m.ifname) for m in spec.maps]
+def table(spec: ForwardSpec) -> list[str]:
+    return [str(r) for r in spec.rules]
 
 
-def parse(*specs, mode="pasta", proto="tcp", ephemeral=EPH):
-    return parse_forward(list(specs), mode=mode, proto=proto, ephemeral=ephemeral)
+ALL = ["[*]:1-32767 => 1-32767 (best effort)", "[*]:61000-65535 => 61000-65535 (best effort)"]
+AUTO = [r.replace("(best effort)", "(best effort) (auto-scan)") for r in ALL]
 
-
-NON_EPHEMERAL = r(1, 32767) + r(61000, 65535)
-
-TABLE = [
-    # every example of `man pasta` / `man passt`, -t and -u alike
-    (["22"], r(22, 22)),
-    (["22:23"], [(22, 23, None, None)]),
-    (["22,25"], [(22, 22, None, None), (25, 25, None, None)]),
-    (["22-80"], r(22, 80)),
-    (["22-80:32-90"], r(22, 80, 32)),
-    (["192.0.2.1/22"], r(22, 22, addr="192.0.2.1")),
-    (["192.0.2.1%eth0/22"], r(22, 22, addr="192.0.2.1", ifname="eth0")),
-    (["2000-5000,~3000-3010"], r(2000, 2999) + r(3011, 5000)),
-    (["192.0.2.1/20-30,~25"], r(20, 24, addr="192.0.2.1") + r(26, 30, addr="192.0.2.1")),
-    (["~20000-20010"], r(1, 19999) + r(20011, 32767) + r(61000, 65535)),
-    # more
-    (["1"], r(1, 1)),
-    (["65535"], r(65535, 65535)),
-    (["65535:1"], [(65535, 1, None, None)]),
-    (["00022"], r(22, 22)),                                  # leading zeros are decimal
-    (["  22 "], r(22, 22)),                                  # outer blanks ignored
-    (["8080:80,8443:443"], [(8080, 80, None, None), (8443, 443, None, None)]),
-    (["5000-5001:6000-6001,5002:6000"],                      # targets may repeat
-     [(5000, 6000, None, None), (5001, 6001, None, None), (5002, 6000, None, None)]),
-    (["65530-65535:1-6"], r(65530, 65535, 1)),
-    (["30-32:40-42,~31"], [(30, 40, None, None), (32, 42, None, None)]),
-    (["~31,30-32"], r(30, 30) + r(32, 32)),                  # exclusions apply anywhere
-    (["22-80,~100"], r(22, 80)),                             # exclusion outside: no-op
-    (["22", "80:8080"], [(22, 22, None, None), (80, 8080, None, None)]),
-    (["80:8080", "22"], [(80, 8080, None, None), (22, 22, None, None)]),
-    (["127.0.0.1/5000", "::1/5001"],
-     r(5000, 5000, addr="127.0.0.1") + r(5001, 5001, addr="::1")),
-    (["2000-5000,~3000", "3000"], r(2000, 2999) + r(3001, 5000) + r(3000, 3000)),
-    # addresses
-    (["::1/22"], r(22, 22, addr="::1")),
-    (["[::1]/22"], r(22, 22, addr="::1")),                   # C refuses brackets
-    (["[2001:db8::1]%eth0/22"], r(22, 22, addr="2001:db8::1", ifname="eth0")),
-    (["[2001:db8::1%eth0]/22"], r(22, 22, addr="2001:db8::1", ifname="eth0")),
-    (["::1%lo/22"], r(22, 22, addr="::1", ifname="lo")),
-    (["fe80::1%lo/22"], r(22, 22, addr="fe80::1", ifname="lo")),
-    (["::ffff:192.0.2.1/22"], r(22, 22, addr="::ffff:192.0.2.1")),
-    (["0.0.0.0/22"], r(22, 22, addr="0.0.0.0")),
-    (["%lo/22"], r(22, 22, ifname="lo")),                    # interface, any address
-    (["1.2.3.4%abcdefghijklmno/22"], r(22, 22, addr="1.2.3.4", ifname="abcdefghijklmno")),
-    (["192.0.2.1/~22"],
-     r(1, 21, addr="192.0.2.1") + r(23, 32767, addr="192.0.2.1")
-     + r(61000, 65535, addr="192.0.2.1")),
-    # all and exclusion-only
-    (["all"], NON_EPHEMERAL),
-    (["~1-100,~200"], r(101, 199) + r(201, 32767) + r(61000, 65535)),
-    (["~61000-65535"], r(1, 32767)),
-    (["~30000-40000"], r(1, 29999) + r(61000, 65535)),      # overlaps ephemeral: fine
+# every example of passt(1) and pesto(1) of C passt 2026 (37a73a2), -t and -u alike
+MAN_PAGE = [
+    (["all"], ALL),
+    (["::1/all"], ["[::1]:1-32767 => 1-32767 (best effort)",
+                   "[::1]:61000-65535 => 61000-65535 (best effort)"]),
+    (["22"], ["[*]:22 => 22"]),
+    (["22:23"], ["[*]:22 => 23"]),
+    (["22,25"], ["[*]:22 => 22", "[*]:25 => 25"]),
+    (["22-80"], ["[*]:22-80 => 22-80"]),
+    (["22-80:32-90"], ["[*]:22-80 => 32-90"]),
+    (["192.0.2.1/22"], ["[192.0.2.1]:22 => 22"]),
+    (["192.0.2.1%eth0/22"], ["[192.0.2.1]%eth0:22 => 22"]),
+    (["%eth0/22"], ["[*]%eth0:22 => 22"]),
+    (["0.0.0.0/5000:192.0.2.5/6000"], ["[0.0.0.0]:5000 => 192.0.2.5/6000"]),
+    (["127.0.0.6/all:192.0.2.6"],
+     ["[127.0.0.6]:1-32767 => 192.0.2.6/1-32767 (best effort)",
+      "[127.0.0.6]:61000-65535 => 192.0.2.6/61000-65535 (best effort)"]),
+    (["2000-5000,~3000-3010"], ["[*]:2000-2999 => 2000-2999", "[*]:3011-5000 => 3011-5000"]),
+    (["192.0.2.1/20-30,~25"], ["[192.0.2.1]:20-24 => 20-24", "[192.0.2.1]:26-30 => 26-30"]),
+    (["~20000-20010"], ["[*]:1-19999 => 1-19999 (best effort)",
+                        "[*]:20011-32767 => 20011-32767 (best effort)",
+                        "[*]:61000-65535 => 61000-65535 (best effort)"]),
+    (["auto"], AUTO),
+    (["::1/auto"], ["[::1]:1-32767 => 1-32767 (best effort) (auto-scan)",
+                    "[::1]:61000-65535 => 61000-65535 (best effort) (auto-scan)"]),
+    (["8000-8010,auto"], ["[*]:8000-8010 => 8000-8010 (auto-scan)"]),
 ]
+
+CALLERS = [
+    # podman 5.x: -p 8080:80 (pasta_linux.go: "%s%d-%d:%d-%d")
+    (["8080-8080:80-80"], ["[*]:8080 => 80"]),
+    (["127.0.0.1/8080-8081:80-81"], ["[127.0.0.1]:8080-8081 => 80-81"]),
+    # pasta_options = ["-t", "auto"] and -p 18082:18082: the exact rule wins its port
+    (["auto", "18082-18082:18082-18082"],
+     ["[*]:1-18081 => 1-18081 (best effort) (auto-scan)",
+      "[*]:18083-32767 => 18083-32767 (best effort) (auto-scan)",
+      "[*]:61000-65535 => 61000-65535 (best effort) (auto-scan)",
+      "[*]:18082 => 18082"]),
+    (["none"], []),
+    # podman's pesto (pesto_linux.go): host address / port : container address / port
+    (["0.0.0.0/8080:10.88.0.2/80"], ["[0.0.0.0]:8080 => 10.88.0.2/80"]),
+    (["[::]/8080:fd00::2/80"], ["[::]:8080 => fd00::2/80"]),
+    (["[::1]/8080-8081:fd00::2/80-81"], ["[::1]:8080-8081 => fd00::2/80-81"]),
+    # rootlesskit's pesto driver: "%s/%d:%d" with net.IP.String()
+    (["0.0.0.0/8080:80"], ["[0.0.0.0]:8080 => 80"]),
+    (["::/8080:80"], ["[::]:8080 => 80"]),
+]
+
+MORE = [
+    (["*/22"], ["[*]:22 => 22"]),
+    (["[*]/22"], ["[*]:22 => 22"]),
+    (["*%eth0/22"], ["[*]%eth0:22 => 22"]),
+    (["1"], ["[*]:1 => 1"]),
+    (["65535:1"], ["[*]:65535 => 1"]),
+    (["00022"], ["[*]:22 => 22"]),                                   # leading zeros: decimal
+    (["  22 "], ["[*]:22 => 22"]),                                   # outer blanks ignored
+    (["8080:80,8443:443"], ["[*]:8080 => 80", "[*]:8443 => 443"]),
+    (["5000-5001:6000-6001,5002:6000"],                              # targets may repeat
+     ["[*]:5000-5001 => 6000-6001", "[*]:5002 => 6000"]),
+    (["30-32:40-42,~31"], ["[*]:30 => 40", "[*]:32 => 42"]),
+    (["~31,30-32"], ["[*]:30 => 30", "[*]:32 => 32"]),              # exclusions apply anywhere
+    (["22", "80:8080"], ["[*]:22 => 22", "[*]:80 => 8080"]),
+    (["127.0.0.1/5000", "::1/5000"], ["[127.0.0.1]:5000 => 5000", "[::1]:5000 => 5000"]),
+    (["127.0.0.1/5000", "127.0.0.2/5000"],                           # other address: no clash
+     ["[127.0.0.1]:5000 => 5000", "[127.0.0.2]:5000 => 5000"]),
+    (["none", "22"], ["[*]:22 => 22"]),                              # none first: no-op
+    (["~20", "20-30"], ["[*]:1-19 => 1-19 (best effort)",
+                        "[*]:31-32767 => 31-32767 (best effort)",
+                        "[*]:61000-65535 => 61000-65535 (best effort)",
+                        "[*]:20-30 => 20-30"]),
+    (["22", "all"], ["[*]:22 => 22", "[*]:1-21 => 1-21 (best effort)",
+                     "[*]:23-32767 => 23-32767 (best effort)",
+                     "[*]:61000-65535 => 61000-65535 (best effort)"]),
+    (["0.0.0.0/all:192.0.2.9"], ["[0.0.0.0]:1-32767 => 192.0.2.9/1-32767 (best effort)",
+                                 "[0.0.0.0]:61000-65535 => 192.0.2.9/61000-65535 (best effort)"]),
+    (["::1/22"], ["[::1]:22 => 22"]),
+    (["[2001:db8::1]%eth0/22"], ["[2001:db8::1]%eth0:22 => 22"]),
+    (["[2001:db8::1%eth0]/22"], ["[2001:db8::1]%eth0:22 => 22"]),
+    (["fe80::1%lo/22"], ["[fe80::1]%lo:22 => 22"]),
+    (["192.0.2.1/5000:192.0.2.5"], ["[192.0.2.1]:5000 => 192.0.2.5/5000"]),
+    (["1.2.3.4%abcdefghijklmno/22"], ["[1.2.3.4]%abcdefghijklmno:22 => 22"]),
+    (["~1-100,~200"], ["[*]:101-199 => 101-199 (best effort)",
+                       "[*]:201-32767 => 201-32767 (best effort)",
+                       "[*]:61000-65535 => 61000-65535 (best effort)"]),
+    (["~61000-65535"], ["[*]:1-32767 => 1-32767 (best effort)"]),
+]
+
+TABLE = MAN_PAGE + CALLERS + MORE
 
 
 @pytest.mark.parametrize("specs,expected", TABLE, ids=[" ".join(s) for s, _ in TABLE])
 def test_table(specs, expected):
-    spec = parse(*specs)
-    assert not spec.auto
-    assert rows(spec) == expected
-    assert spec.enabled
-    assert spec.text == tuple(s.strip() for s in specs)
+    assert table(parse(*specs)) == expected
 
 
-def test_table_same_for_passt_and_udp():
-    for specs, expected in TABLE:
-        assert rows(parse(*specs, mode="passt", proto="udp")) == expected
+def test_one_family_makes_every_address_that_family():
+    assert table(parse("22", families=(4,))) == ["[0.0.0.0]:22 => 22"]
+    assert table(parse("22", families=(6,))) == ["[::]:22 => 22"]
+    assert table(parse("22:192.0.2.5", families=(4,))) == ["[0.0.0.0]:22 => 192.0.2.5/22"]
+    with pytest.raises(SpecError, match="IPv6 forward, but IPv6 is disabled"):
+        parse("::1/22", families=(4,))
 
 
 def test_other_ephemeral_range():
-    assert rows(parse("all", ephemeral=(1000, 65535))) == r(1, 999)
-    assert rows(parse("~5", ephemeral=(10, 20))) == r(1, 4) + r(6, 9) + r(21, 65535)
+    assert table(parse("all", ephemeral=(1024, 65535))) == [
+        "[*]:1-1023 => 1-1023 (best effort)"]
 
 
 def test_ephemeral_read_only_when_needed(tmp_path, monkeypatch):
-    import common.fwd as fwd
-
-    def boom(*_args):
-        raise AssertionError("ephemeral range read for an explicit spec")
-
-    monkeypatch.setattr(fwd, "ephemeral_range", boom)
-    assert rows(parse_forward(["22"], mode="pasta", proto="tcp")) == r(22, 22)
+    calls = []
+    monkeypatch.setattr("common.fwd.ephemeral_range", lambda: calls.append(1) or EPH)
+    parse_forward(["22"], mode="passt", proto="tcp")
+    assert calls == []
+    parse_forward(["all"], mode="passt", proto="tcp")
+    assert calls == [1]
 
 
 def test_ephemeral_range_file(tmp_path):
-    path = tmp_path / "range"
-    path.write_text("40000\t50000\n")
-    assert ephemeral_range(str(path)) == (40000, 50000)
-    path.write_text("garbage\n")
-    assert ephemeral_range(str(path)) == (32768, 60999)
-    assert ephemeral_range(str(tmp_path / "missing")) == (32768, 60999)
-    first, last = ephemeral_range()                 # this machine's
-    assert 0 < first <= last <= 65535
+    f = tmp_path / "range"
+    f.write_text("40000\t50000\n")
+    assert ephemeral_range(str(f)) == (40000, 50000)
+    f.write_text("garbage")
+    assert ephemeral_range(str(f)) == EPH
+    assert ephemeral_range(str(tmp_path / "missing")) == EPH
 
 
 ERRORS = [
@@ -145,11 +179,12 @@ ERRORS = [
     (["22-80:32"], "target 32 is 1 port, source 22-80 is 59 ports"),
     (["22:32-33"], "target 32-33 is 2 ports"),
     (["65530-65535:65531-65536"], "target port 65536 out of range"),
-    (["22,22"], "port 22 forwarded twice"),
-    (["10-20,15"], "port 15 forwarded twice"),
-    (["22", "20-30"], "port 22 forwarded twice (also by 22)"),
-    (["127.0.0.1/5000", "127.0.0.2/5000"], "port 5000 forwarded twice"),
-    (["~20", "20-30"], "forwarded twice"),
+    (["22,22"], "conflicts with [*]:22 => 22"),
+    (["10-20,15"], "[*]:15 => 15 conflicts with [*]:10-20 => 10-20"),
+    (["22", "20-30"], "conflicts"),
+    (["127.0.0.1/5000", "0.0.0.0/5000"], "conflicts"),             # addresses that meet
+    (["5000", "::1/5000"], "conflicts"),
+    (["all", "all"], "conflicts"),                                  # two best-effort rules
     (["22-30,~25,~25"], "port 25 excluded twice"),
     (["22-30,~24-26,~26-28"], "port 26 excluded twice"),
     (["22,~22"], "every port of '22' is excluded"),
@@ -180,17 +215,19 @@ ERRORS = [
     (["1.2.3.4%/22"], "empty interface name"),
     (["lo/22"], "invalid address 'lo'"),
     (["1.2.3.256/22"], "invalid address '1.2.3.256'"),
-    (["1.2.3.4/5/22"], "invalid address '1.2.3.4/5'"),
+    (["1.2.3.4/5/22"], "invalid port '5/22'"),
     (["[::1/22"], "invalid address '[::1'"),
     (["1.2.3.4%abcdefghijklmnop/22"], "interface name 'abcdefghijklmnop' too long"),
     (["1.2.3.4%a b/22"], "invalid interface name 'a b'"),
     (["1.2.3.4%../22"], "invalid interface name"),
-    (["none", "22"], "'none' cannot be combined"),
-    (["22", "none"], "'none' cannot be combined"),
-    (["auto", "22"], "'auto' cannot be combined"),
-    (["all", "22"], "'all' cannot be combined"),
-    (["none", "auto"], "cannot be combined"),
-    (["all", "all"], "'all' given more than once"),
+    (["22", "none"], "none: conflicts with the specs before it"),
+    (["22:192.0.2.5"], "a target address needs a listening address of its family "
+                       "(did you mean 0.0.0.0/...?)"),
+    (["0.0.0.0/22:fd00::5"], "IPv4 listening address 0.0.0.0 with IPv6 target fd00::5"),
+    (["0.0.0.0/22:224.0.0.1/22"], "invalid target address 224.0.0.1"),
+    (["0.0.0.0/22:bogus/22"], "invalid target address 'bogus'"),
+    (["0.0.0.0/all:bogus"], "invalid target address 'bogus'"),
+    (["all:192.0.2.9"], "a target address needs a listening address of its family"),
     (["22\n23"], "'22\\n23'"),                   # shown escaped, still one line
 ]
 
@@ -206,27 +243,34 @@ def test_errors(specs, words):
 
 
 def test_error_names_option():
-    with pytest.raises(SpecError, match=r"^-u 22,22: port 22 forwarded twice$"):
+    with pytest.raises(SpecError, match=r"^-u 22,22: \[\*\]:22 => 22 conflicts with"):
         parse_forward(["22,22"], mode="passt", proto="udp", option="-u")
 
 
-def test_keywords():
+def test_none():
     assert parse("none") == NONE and not parse("none").enabled
     assert parse("none", "none") == NONE
     assert parse() == NONE
-    assert parse("auto") == AUTO and parse("auto").enabled and parse("auto").maps == ()
-    assert parse(" auto ").auto
-    assert parse("auto", "auto") == AUTO
 
 
 def test_auto_only_for_pasta():
     with pytest.raises(SpecError, match="'auto' port forwarding is only for pasta"):
         parse("auto", mode="passt")
+    with pytest.raises(SpecError, match="'auto' port forwarding is only for pasta"):
+        parse("80,auto", mode="passt")
+
+
+def test_ns_side_has_no_addresses():
+    assert table(parse("22", option="-T", families=(4,))) == ["[*]:22 => 22"]
+    with pytest.raises(SpecError, match="no listening address or interface for -T/-U"):
+        parse("127.0.0.1/22", option="-T")
+    with pytest.raises(SpecError, match="no target address for -T/-U"):
+        parse("22:127.0.0.1", option="-U", families=(4,))
 
 
 def test_all_in_both_modes():
-    assert rows(parse("all", mode="passt")) == NON_EPHEMERAL
-    assert rows(parse("all", mode="pasta")) == NON_EPHEMERAL
+    assert table(parse("all", mode="passt")) == ALL
+    assert table(parse("all", mode="pasta")) == ALL
 
 
 def test_unknown_mode():
@@ -234,21 +278,35 @@ def test_unknown_mode():
         parse("22", mode="qemu")
 
 
-def test_lookup_and_binds():
-    spec = parse("22:2222", "::1%lo/80-81:8080-8081")
-    assert spec.target(22) == 2222
-    assert spec.target(81) == 8081
-    assert spec.target(23) is None
-    assert spec.by_port[80] == PortMap(80, 8080, ip_address("::1"), "lo")
-    assert spec.binds([1, 2, 3]) == spec.maps            # explicit: scans don't matter
-    auto = ForwardSpec(auto=True, excluded=frozenset({53}))
-    assert auto.binds({8080, 53, 22}) == (PortMap(22, 22), PortMap(8080, 8080))
-    assert auto.target(22) is None
-
-
 def test_text_does_not_affect_equality():
     assert parse("22") == parse(" 22")
-    assert parse("22-23") == parse("22,23")
+    assert parse("22-23") != parse("22,23")          # one rule, or two
+
+
+def test_rule_arithmetic():
+    r = Rule(10, 20, 110)
+    assert r.target(15) == 115 and list(r.ports) == list(range(10, 21))
+    assert r.without(range(12, 14)) == [Rule(10, 11, 110), Rule(14, 20, 114)]
+    assert r.without(range(1, 100)) == []
+    a4, b4 = ip_address("127.0.0.1"), ip_address("0.0.0.0")
+    assert Rule(1, 1, 1, a4).meets(Rule(1, 1, 1, b4))
+    assert not Rule(1, 1, 1, a4).meets(Rule(1, 1, 1, ip_address("127.0.0.2")))
+    assert not Rule(1, 1, 1, a4).meets(Rule(1, 1, 1, ip_address("::")))
+    assert Rule(1, 1, 1).meets(Rule(1, 1, 1, ip_address("::1")))
+
+
+def test_add_and_delete():
+    t = add_rules([], parse("8080:80").rules)
+    t = add_rules(t, parse("0.0.0.0/9090:10.88.0.2/90").rules)
+    assert [str(r) for r in t] == ["[*]:8080 => 80", "[0.0.0.0]:9090 => 10.88.0.2/90"]
+    with pytest.raises(SpecError, match="conflicts"):
+        add_rules(t, parse("8080").rules)
+    t = delete_rules(t, parse("8080:80").rules)
+    assert [str(r) for r in t] == ["[0.0.0.0]:9090 => 10.88.0.2/90"]
+    with pytest.raises(SpecError, match="no rule .*9090 => 9090 to delete"):
+        delete_rules(t, parse("::1/9090").rules)
+    with pytest.raises(SpecError, match="doesn't match it"):
+        delete_rules(t, parse("0.0.0.0/9090").rules)
 
 
 # ---------------------------------------------------------------- UDP following TCP
@@ -256,15 +314,14 @@ def test_text_does_not_affect_equality():
 
 def test_udp_follows_tcp_drops_translation_keeps_binding():
     tcp = parse("22:2222", "192.0.2.1%eth0/80-81:8080-8081", "443")
-    udp = udp_follows_tcp(tcp)
-    assert rows(udp) == (r(22, 22) + r(80, 81, addr="192.0.2.1", ifname="eth0")
-                         + r(443, 443))
+    assert table(udp_follows_tcp(tcp)) == [
+        "[*]:22 => 22", "[192.0.2.1]%eth0:80-81 => 80-81", "[*]:443 => 443"]
 
 
 def test_udp_follows_tcp_keywords():
     assert udp_follows_tcp(NONE) == NONE
-    assert udp_follows_tcp(AUTO) == AUTO
-    assert rows(udp_follows_tcp(parse("all"))) == NON_EPHEMERAL
+    assert table(udp_follows_tcp(parse("auto"))) == AUTO
+    assert table(udp_follows_tcp(parse("all"))) == ALL
 
 
 # ---------------------------------------------------------------- defaults per mode
@@ -287,36 +344,36 @@ def conf(mode, services=None, **given):
 
 def test_defaults():
     assert conf("passt") == dict(tcp_in=NONE, udp_in=NONE, tcp_out=NONE, udp_out=NONE)
-    assert conf("pasta") == dict(tcp_in=AUTO, udp_in=AUTO, tcp_out=AUTO, udp_out=AUTO)
+    c = conf("pasta")
+    assert {k: table(v) for k, v in c.items()} == dict(
+        tcp_in=AUTO, udp_in=AUTO, tcp_out=AUTO, udp_out=AUTO)
 
 
 def test_passt_udp_follows_tcp():
     c = conf("passt", tcp_ports=["22:2222"])
-    assert rows(c["tcp_in"]) == [(22, 2222, None, None)]
-    assert rows(c["udp_in"]) == [(22, 22, None, None)]
+    assert table(c["tcp_in"]) == ["[*]:22 => 2222"]
+    assert table(c["udp_in"]) == ["[*]:22 => 22"]
     c = conf("passt", tcp_ports=["22"], udp_ports=["53"])
-    assert rows(c["udp_in"]) == r(53, 53)
+    assert table(c["udp_in"]) == ["[*]:53 => 53"]
     c = conf("passt", tcp_ports=["22"], udp_ports=["none"])
     assert c["udp_in"] == NONE
 
 
 def test_pasta_udp_follows_tcp_per_direction():
     c = conf("pasta", tcp_ports=["8080:80"], tcp_ns=["none"])
-    assert rows(c["tcp_in"]) == [(8080, 80, None, None)]
-    assert rows(c["udp_in"]) == [(8080, 8080, None, None)]
+    assert table(c["tcp_in"]) == ["[*]:8080 => 80"]
+    assert table(c["udp_in"]) == ["[*]:8080 => 8080"]
     assert c["tcp_out"] == NONE and c["udp_out"] == NONE
     c = conf("pasta", udp_ports=["53"])            # -t not given: auto; -u given
-    assert c["tcp_in"] == AUTO and rows(c["udp_in"]) == r(53, 53)
-    assert c["tcp_out"] == AUTO and c["udp_out"] == AUTO
+    assert table(c["tcp_in"]) == AUTO and table(c["udp_in"]) == ["[*]:53 => 53"]
     c = conf("pasta", tcp_ns=["5432"])
-    assert rows(c["udp_out"]) == r(5432, 5432)
-    assert c["tcp_in"] == AUTO
+    assert table(c["udp_out"]) == ["[*]:5432 => 5432"]
 
 
 def test_podman_style_command_line():
     c = conf("pasta", tcp_ports=["8080-8080:80-80"],
              udp_ports=["none"], tcp_ns=["none"], udp_ns=["none"])
-    assert rows(c["tcp_in"]) == [(8080, 80, None, None)]
+    assert table(c["tcp_in"]) == ["[*]:8080 => 80"]
     assert c["udp_in"] == c["tcp_out"] == c["udp_out"] == NONE
 
 
@@ -338,9 +395,9 @@ def test_config_error_names_option():
 def test_disabled_protocols():
     c = conf("pasta", Services(tcp=False), tcp_ports=["22"])
     assert c["tcp_in"] == NONE and c["tcp_out"] == NONE
-    assert rows(c["udp_in"]) == r(22, 22)           # UDP still follows the -t spec
+    assert table(c["udp_in"]) == ["[*]:22 => 22"]    # UDP still follows the -t spec
     c = conf("pasta", Services(udp=False))
-    assert c["udp_in"] == NONE and c["udp_out"] == NONE and c["tcp_in"] == AUTO
+    assert c["udp_in"] == NONE and c["udp_out"] == NONE and table(c["tcp_in"]) == AUTO
     with pytest.raises(SpecError):                  # specs still validated
         conf("pasta", Services(tcp=False), tcp_ports=["0"])
 
@@ -350,11 +407,12 @@ def test_build_config_uses_it():
     from common.hostinfo import FamilyInfo, HostInfo
 
     host = HostInfo(v4=FamilyInfo("eth0", "192.0.2.1", (("192.0.2.2", 24),)), v6=None)
-    c = build_config("passt", opts(tcp_ports=["22"]), host, forward_parser=forward_config)
-    assert rows(c.tcp_in) == r(22, 22) and rows(c.udp_in) == r(22, 22)
+    c = build_config("passt", opts(tcp_ports=["22"]) | {"ipv4_only": True}, host,
+                     forward_parser=forward_config)
+    assert table(c.tcp_in) == table(c.udp_in) == ["[0.0.0.0]:22 => 22"]
     assert c.tcp_out == NONE
     c = build_config("pasta", opts(), host, forward_parser=forward_config)
-    assert c.tcp_in == c.udp_in == c.tcp_out == c.udp_out == AUTO
+    assert table(c.tcp_in) == AUTO
 
 
 # ---------------------------------------------------------------- properties
@@ -362,7 +420,7 @@ def test_build_config_uses_it():
 
 @st.composite
 def item_lists(draw):
-    """Disjoint source ranges with in-range targets, and the spec text for them."""
+    """Disjoint source ranges with in-range targets, the spec text and the rules."""
     cuts = sorted(draw(st.sets(st.integers(1, 65535), min_size=2, max_size=12)))
     items, expected = [], []
     for first, end in zip(cuts[::2], cuts[1::2], strict=False):
@@ -373,7 +431,7 @@ def item_lists(draw):
         if to_first != first or draw(st.booleans()):
             text += f":{to_first}" if n == 1 else f":{to_first}-{to_first + n - 1}"
         items.append(text)
-        expected += r(first, last, to_first)
+        expected.append(str(Rule(first, last, to_first)))
     return items, expected
 
 
@@ -382,7 +440,7 @@ def test_roundtrip(data, n_options):
     items, expected = data
     per = max(1, len(items) // n_options)
     specs = [",".join(items[i:i + per]) for i in range(0, len(items), per)]
-    assert rows(parse(*specs)) == expected
+    assert table(parse(*specs)) == expected
 
 
 @given(st.text(max_size=40))
@@ -392,15 +450,14 @@ def test_garbage_only_raises_spec_error(text):
     except SpecError as e:
         assert "\n" not in str(e)
     else:
-        assert spec.auto or all(1 <= m.port <= 65535 and 1 <= m.to_port <= 65535
-                                for m in spec.maps)
+        assert all(1 <= r.first <= r.last <= 65535 and 1 <= r.target(r.last) <= 65535
+                   for r in spec.rules)
 
 
 def test_describe():
     assert parse("22:2222", "192.0.2.1%eth0/80-81:8080-8081,~90").describe() == \
         "22->2222, 192.0.2.1%eth0/80-81->8080-8081"
     assert parse("all").describe() == "1-32767, 61000-65535"
-    assert parse("1-3:3-5,4-5:6-7").describe() == "1-5->3-7"          # runs merge
-    assert parse("1-3:3-5,4-5:1-2").describe() == "1-3->3-5, 4-5->1-2"
-    assert NONE.describe() == "none" and AUTO.describe() == "auto"
+    assert parse("0.0.0.0/5000:192.0.2.5/6000").describe() == "0.0.0.0/5000->192.0.2.5/6000"
+    assert NONE.describe() == "none"
     assert repr(parse("[::1]/22")) == "ForwardSpec(::1/22)"

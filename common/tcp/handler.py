@@ -705,14 +705,15 @@ class TcpHandler:
     # ---------------------------------------------------------------- inbound
 
     def accept(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
-               v6: bool) -> None:
-        """A connection accepted on a forwarded port: open it towards the guest."""
+               v6: bool, to_addr: bytes | None = None) -> None:
+        """A connection accepted on a forwarded port: open it towards the guest, at
+        `to_addr` if the forward names one (else the guest's own address)."""
         guest_addr = self.guest.addr6 if v6 else self.guest.addr4
-        if guest_addr is None or len(self.conns) >= MAX_CONNS:
-            self.counters["limit" if guest_addr else "no_guest_addr"] += 1
+        if (guest_addr is None and to_addr is None) or len(self.conns) >= MAX_CONNS:
+            self.counters["limit" if guest_addr or to_addr else "no_guest_addr"] += 1
             _close_abortive(sock)
             return
-        gaddr = guest_addr.packed
+        gaddr = to_addr if to_addr is not None else guest_addr.packed
         src = self.map.to_guest_source(v6, peer)
         key = gaddr + src + struct.pack("!HH", to_port, peer_port)
         if key in self.conns:

@@ -60,6 +60,7 @@ from common import log as plog
 from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.guest import GuestState
+from common.listeners import set_freebind
 from common.loop import ERR, IN, Loop
 from common.mapping import AddressMap
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
@@ -369,7 +370,7 @@ class UdpHandler:
                 return
             flow = peers.get(addr)
             if flow is None:
-                if local is not None and _is_loopback(addr[0]):
+                if local is not None and listener.to_addr is None and _is_loopback(addr[0]):
                     local(listener, view[:n], addr)
                     continue
                 flow = self._open_inbound(listener, addr, now)
@@ -385,10 +386,13 @@ class UdpHandler:
     def _open_inbound(self, listener: UdpListener, addr: tuple, now: float) -> UdpFlow | None:
         v6 = listener.v6
         gaddr = self.guest.addr6 if v6 else self.guest.addr4
-        if gaddr is None:
+        if listener.to_addr is not None:
+            guest = listener.to_addr
+        elif gaddr is None:
             self.counters["no_guest_addr"] += 1
             return None
-        guest = gaddr.packed
+        else:
+            guest = gaddr.packed
         peer = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr[0])
         src = self.map.to_guest_source(v6, peer)
         key = guest + src + _PORTS.pack(listener.to_port, addr[1])
@@ -518,12 +522,14 @@ class UdpListener:
     """
 
     def __init__(self, loop: Loop, sock: socket.socket, to_port: int,
-                 handler: Callable[[], UdpHandler | None], local: LocalHook | None = None) -> None:
+                 handler: Callable[[], UdpHandler | None], local: LocalHook | None = None,
+                 to_addr: bytes | None = None) -> None:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.v6 = sock.family == socket.AF_INET6
         self.to_port = to_port
+        self.to_addr = to_addr      # target address on the guest side; None: the guest's
         self.handler = handler
         self.local = local
         self.owner: UdpHandler | None = None
@@ -544,7 +550,7 @@ class UdpListener:
                 n, addr = self.sock.recvfrom_into(view)
             except OSError:
                 break
-            if self.local is not None and _is_loopback(addr[0]):
+            if self.local is not None and self.to_addr is None and _is_loopback(addr[0]):
                 self.local(self, view[:n], addr)
         if events & ERR:
             drain_errors(self.sock)
@@ -563,11 +569,15 @@ SocketFactory = Callable[[int, int], socket.socket]
 
 
 def bind_udp(make_socket: SocketFactory, family: int, addr: str, port: int,
-             ifname: str | None) -> socket.socket | None:
-    """A bound, non-blocking UDP socket with IP(V6)_RECVERR, or None (logged) if taken."""
+             ifname: str | None, *, strict: bool = False,
+             freebind: bool = False) -> socket.socket | None:
+    """A bound, non-blocking UDP socket with IP(V6)_RECVERR, or None (logged) if taken;
+    `strict`: OSError instead of None (forwarded ports say why they failed)."""
     try:
         sock = make_socket(family, socket.SOCK_DGRAM)
     except OSError as exc:
+        if strict:
+            raise
         log.warning("cannot create a UDP socket for port %d: %s", port, exc.strerror)
         return None
     try:
@@ -576,26 +586,32 @@ def bind_udp(make_socket: SocketFactory, family: int, addr: str, port: int,
         set_buffers(sock)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if freebind:
+            set_freebind(sock, family)
         if ifname:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
         sock.bind((addr, port))
         sock.setblocking(False)
     except OSError as exc:
-        log.debug("cannot bind UDP %s port %d: %s", addr, port, exc.strerror)
         sock.close()
+        if strict:
+            raise
+        log.debug("cannot bind UDP %s port %d: %s", addr, port, exc.strerror)
         return None
     return sock
 
 
 def udp_listener(loop: Loop, make_socket: SocketFactory,
-                 handler: Callable[[], UdpHandler | None], local: LocalHook | None = None):
-    """An `open_port` for `common.listeners.PortForwarder`: UDP sockets for -u."""
+                 handler: Callable[[], UdpHandler | None], local: LocalHook | None = None,
+                 *, freebind: bool = False):
+    """An `open_port` for `common.listeners.PortForwarder`: UDP sockets for -u
+    (OSError when the port cannot be bound)."""
 
     def open_port(family: int, addr: str, port: int, ifname: str | None,
-                  to_port: int) -> UdpListener | None:
-        sock = bind_udp(make_socket, family, addr, port, ifname)
-        if sock is None:
-            return None
-        return UdpListener(loop, sock, to_port, handler, local)
+                  to_port: int, to_addr: bytes | None = None) -> UdpListener:
+        sock = bind_udp(make_socket, family, addr, port, ifname, strict=True,
+                        freebind=freebind)
+        assert sock is not None
+        return UdpListener(loop, sock, to_port, handler, local, to_addr)
 
     return open_port
