@@ -36,7 +36,7 @@ from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, FlowHeader
 from common.guest import GuestState
 from common.loop import IN, Loop
-from common.mapping import AddressMap
+from common.mapping import AddressMap, forbidden
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
@@ -133,7 +133,10 @@ class IcmpHandler:
         alen = 16 if v6 else 4
         gaddr, raddr = bytes(frame[src:src + alen]), bytes(frame[dst:dst + alen])
         ident = frame[l4 + 4] << 8 | frame[l4 + 5]
-        if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224) or not any(raddr):
+        if forbidden(v6, gaddr, raddr):        # no flow has such a key: new ones only
+            self.counters["bad_addr"] += 1
+            return None
+        if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224):
             self.counters["bad_dst"] += 1
             return None
         if not self.table.room():

@@ -17,6 +17,14 @@ sees its own address as a peer), and the DNS resolver of a forwarded query
 as the dns-forward address.  Replies keep the address the guest used
 (flows remember it); this is what a new host-side peer looks like.
 
+Never across (`forbidden`): a guest flow whose source or destination is a
+loopback address (127.0.0.0/8, ::1), unspecified or in 0.0.0.0/8, or in
+IPv6 any ::/96 (unspecified, loopback, IPv4-compatible) or ::ffff:0:0/96
+(IPv4-mapped, which RFC 4291 keeps off the wire: a host IPv6 socket would
+carry it to the IPv4 loopback).  A host socket connecting to such a
+destination reaches the host's own loopback services, which the guest may
+reach only through the map-host-loopback address.
+
 All addresses here are packed bytes (4 or 16), the form frames carry.
 """
 
@@ -30,6 +38,17 @@ from common.conf import Config
 LOOPBACK4 = socket.inet_pton(socket.AF_INET, "127.0.0.1")
 LOOPBACK6 = socket.inet_pton(socket.AF_INET6, "::1")
 DNS_PORT = 53
+_V6_ZERO96 = bytes(12)
+_V6_MAPPED96 = bytes(10) + b"\xff\xff"
+_V4_NEVER = (0, 127)        # first octet: "this network" (0.0.0.0/8), loopback
+
+
+def forbidden(v6: bool, src: bytes, dst: bytes) -> bool:
+    """True when no guest flow may go from `src` to `dst` (see the module docstring)."""
+    if v6:
+        return (src[:12] in (_V6_ZERO96, _V6_MAPPED96)
+                or dst[:12] in (_V6_ZERO96, _V6_MAPPED96))
+    return src[0] in _V4_NEVER or dst[0] in _V4_NEVER
 
 
 def _packed(addr) -> bytes | None:

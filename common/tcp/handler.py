@@ -32,7 +32,7 @@ from common.conf import Config
 from common.flowheader import PROTO_TCP, FlowHeader
 from common.guest import GuestState
 from common.loop import ET, IN, OUT, RDHUP, Loop
-from common.mapping import AddressMap
+from common.mapping import AddressMap, forbidden
 from common.packet.errors import MalformedPacket
 from common.packet.tcp import parse_tcp_options
 from common.tap import TapBackend
@@ -119,6 +119,7 @@ class TcpHandler:
         self.counters: Counter[str] = Counter()
         self.mss4 = conf.mtu - 40
         self.mss6 = conf.mtu - 60
+        self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
         self.gso = self.writer.can_gso
         # MSG_TRUNC discards without copying, but recv_into still wants a buffer this
         # large: an anonymous map is never touched, so it costs address space, not memory
@@ -163,6 +164,13 @@ class TcpHandler:
                     "v6" if v6 else "v4", sport, dport, flags, seq, ack, plen)
         conn = self.conns.get(key)
         if conn is None:
+            # no flow exists with such a key, so checking new keys is enough
+            if forbidden(v6, key[:16], key[16:32]) if v6 else forbidden(v6, key[:4], key[4:8]):
+                self.counters["bad_addr"] += 1
+                return
+            if not sport or not dport:
+                self.counters["port_zero"] += 1
+                return
             if flags & (SYN | ACK | RST) == SYN:
                 self._open_outbound(key, v6, frame, l3, l4, data, seq, window)
             elif not flags & RST:
@@ -201,7 +209,7 @@ class TcpHandler:
         else:
             gaddr, raddr = bytes(frame[l3 + 12:l3 + 16]), bytes(frame[l3 + 16:l3 + 20])
         gport, rport = struct.unpack_from("!HH", frame, l4)
-        if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224) or (v6 and raddr[0] == 0xFF):
+        if (raddr[0] == 0xFF) if v6 else (raddr[0] >= 224 or raddr == self.bcast4):
             self.counters["bad_dst"] += 1
             return
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
@@ -246,6 +254,8 @@ class TcpHandler:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            if v6:      # an IPv4-mapped destination must never reach IPv4 (see mapping)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             self.map.bind_outbound(sock, v6)
         except OSError:
             sock.close()

@@ -62,7 +62,7 @@ from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.guest import GuestState
 from common.listeners import set_freebind
 from common.loop import ERR, IN, Loop
-from common.mapping import AddressMap
+from common.mapping import AddressMap, forbidden
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
@@ -239,14 +239,20 @@ class UdpHandler:
 
     def _bad_destination(self, v6: bool, raddr: bytes) -> bool:
         if v6:
-            return raddr[0] == 0xFF or not any(raddr)
-        return raddr[0] >= 224 or raddr == self.bcast4 or not any(raddr)
+            return raddr[0] == 0xFF
+        return raddr[0] >= 224 or raddr == self.bcast4
 
     def _open(self, v6: bool, key: bytes, frame: memoryview, src: int, dst: int,
               l4: int) -> UdpFlow | None:
         alen = 16 if v6 else 4
         gaddr, raddr = bytes(frame[src:src + alen]), bytes(frame[dst:dst + alen])
         gport, rport = _PORTS.unpack_from(frame, l4)
+        if forbidden(v6, gaddr, raddr):        # no flow has such a key: new ones only
+            self.counters["bad_addr"] += 1
+            return None
+        if not gport or not rport:
+            self.counters["port_zero"] += 1
+            return None
         inbound = self._inbound_replies.get(raddr + bytes(frame[l4:l4 + 4]))
         if inbound is not None and not inbound.closed:
             self.counters["reply_from_other_addr"] += 1
