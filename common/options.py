@@ -155,9 +155,14 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("udp_ns", ("-U", "--udp-ns"), "multi", "UDP ports to forward from the namespace",
         PASTA, metavar="SPEC"),
     # passt only
-    Opt("socket", ("-s", "--socket"), "value", "UNIX domain socket path", PASST, metavar="PATH"),
+    Opt("socket", ("-s", "--socket", "--socket-path"), "value", "UNIX domain socket path",
+        PASST, metavar="PATH"),
     Opt("one_off", ("-1", "--one-off"), "flag", "Quit after the first guest disconnects", PASST),
     Opt("fd", ("-F", "--fd"), "value", "Use this already-connected socket", PASST, metavar="FD"),
+    Opt("vhost_user", ("--vhost-user",), "flag", "Serve the guest over vhost-user (shared memory)",
+        PASST),
+    Opt("print_capabilities", ("--print-capabilities",), "flag",
+        "Print the vhost-user back-end capabilities (JSON) and exit", PASST),
     # pasta only
     Opt("ns_ifname", ("-I", "--ns-ifname"), "value", "Tap interface name in the namespace",
         PASTA, metavar="NAME"),

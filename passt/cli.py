@@ -23,6 +23,7 @@ from common.conf import Config, describe, host_config
 from common.helper import Helper
 from common.options import program_main
 from common.process import PidFile, Readiness, SetupError, begin, daemonize, serve
+from passt.vhost.protocol import capabilities_json
 
 if TYPE_CHECKING:
     from passt.session import Session
@@ -42,6 +43,11 @@ def parse_fd(text: str | None) -> int | None:
 
 
 def run(opts: dict[str, Any], helper: Helper) -> int:
+    if opts.get("print_capabilities"):
+        print(capabilities_json())
+        return 0
+    if opts.get("vhost_user") and sys.byteorder != "little":
+        raise SetupError("--vhost-user needs a little-endian host (the rings are little-endian)")
     fd = parse_fd(opts.get("fd"))
     if fd is not None and opts.get("socket"):
         raise SetupError("--fd and --socket can't be given together")
@@ -78,9 +84,11 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None, pid_file: PidFi
     error (one line) propagates.
     """
     from passt.session import Session  # noqa: PLC0415
+    from passt.vhost.session import VhostUserSession  # noqa: PLC0415
 
-    session = Session(conf, socket_path=opts.get("socket"), fd=fd,
-                      one_off=bool(opts.get("one_off")), owner=run_as)
+    session_class = VhostUserSession if opts.get("vhost_user") else Session
+    session = session_class(conf, socket_path=opts.get("socket"), fd=fd,
+                            one_off=bool(opts.get("one_off")), owner=run_as)
     try:
         # set-up: capture file, the guest socket, listeners, signals
         session.setup()

@@ -179,7 +179,7 @@ def test_help_lists_the_mode_options(mode):
     text = render_help(mode)
     assert text.startswith(f"Usage: {mode} [OPTION]...")
     assert ("--netns PATH|NAME" in text) == (mode == "pasta")
-    assert ("--socket PATH" in text) == (mode == "passt")
+    assert ("--socket, --socket-path PATH" in text) == (mode == "passt")
     assert "-h, --help" in text
     r = subprocess.run([sys.executable, "-c", f"import sys; from {mode}.cli import main; "
                         "sys.exit(main(['--help']))"],

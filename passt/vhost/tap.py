@@ -1,0 +1,331 @@
+"""`VhostUserTap`: the third tap backend, frames through the guest's virtio-net rings.
+
+It offers `common.tap.TapBackend`, so the data plane and every protocol
+handler serve a vhost-user guest as they serve a tap or a stream socket.
+
+Guest to us (the TX queue): `fileno()` is the device's own epoll set of
+kick eventfds, so one readiness event of the main loop means "some queue
+was kicked".  `read(sink)` drains the TX ring: each buffer's descriptors are
+gathered into one preallocated frame buffer (copying also means the guest
+cannot change a frame while a handler parses it), its virtio-net header is
+skipped (partial checksums and large segments need nothing from us: the
+handlers never verify L4 checksums and take segments of any size), and the
+frame goes to `sink`.  The buffers go back in the used ring, published and
+signalled once per drain.  A drain takes at most `TX_BATCH` buffers; if
+more are waiting it kicks itself so that other events get their turn.  A
+disabled ring is drained and its frames discarded, as the specification
+asks.
+
+Us to guest (the RX queue): `send` writes the 12-byte header in the
+caller's headroom, takes as many receive buffers as the frame needs
+(mergeable buffers: a 64 KiB frame spans many), copies header and frame
+across them, and returns them in the used ring.  The guest is signalled
+once per loop iteration (a zero-delay timer), not per frame.  With no
+buffers left, frames wait in a bounded queue (as `StreamTap`'s output does)
+and we ask the guest to kick when it adds buffers; past the bound a frame
+is dropped and `send` returns False, which TCP treats as a loss.
+
+Offloads: when the guest negotiated GUEST_CSUM and GUEST_TSO4/6,
+`csum_offload` is True: the handlers leave the TCP/UDP checksum partial and
+may pass 64 KiB TCP segments with a GSO type and size, which go into the
+header as they are.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from common.pcap import Pcap
+from common.tap import FRAME_MAX, HEADROOM, VIRTIO_NET_HDR_F_NEEDS_CSUM, Sink
+from passt.vhost.device import RX, TX, VhostUserDevice
+from passt.vhost.protocol import F
+from passt.vhost.virtqueue import Piece, RingError, Virtqueue
+
+log = logging.getLogger("vhost")
+
+TX_BATCH = 256                    # guest buffers per drain before others get a turn
+PENDING_MAX = 4 << 20             # frames waiting for receive buffers, bytes
+_HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_NUM_BUFFERS = struct.Struct("<H")
+
+
+class VhostUserTap:
+    def __init__(self, device: VhostUserDevice, loop=None, pcap: Pcap | None = None) -> None:
+        self.dev = device
+        self.loop = loop                  # common.loop.Loop: batches the guest notifications
+        self.pcap = pcap
+        self.headroom = HEADROOM
+        self.hdr_len = device.hdr_len
+        self.mrg_rxbuf = device.has(F.NET_MRG_RXBUF)
+        self.csum_offload = device.guest_offload
+        self.frames_in = self.frames_out = self.dropped_out = 0
+        self.bad_frames = 0               # TX buffers too short or too long for a frame
+        self.peak_queued = 0
+        self.on_drain: Callable[[], None] | None = None
+        self._rbuf = bytearray(self.hdr_len + FRAME_MAX)
+        self._rview = memoryview(self._rbuf)
+        self._tx_pieces: list[Piece] = []
+        self._rx_pieces: list[Piece] = []
+        self._rx_heads: list[tuple[int, int]] = []   # head, index of its first piece
+        self._scratch = bytearray(HEADROOM + FRAME_MAX)
+        self._pending: deque[bytearray] = deque()
+        self._pending_bytes = 0
+        self._notify_timer = None
+
+    def fileno(self) -> int:
+        return self.dev.epoll.fileno()
+
+    @property
+    def queued(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._pending)
+
+    # ------------------------------------------------------------ guest -> us
+
+    def read(self, sink: Sink) -> bool:
+        dev = self.dev
+        for fd, _events in dev.epoll.poll(0):
+            try:
+                os.eventfd_read(fd)
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    log.debug("kick eventfd: %s", exc)
+            if fd == dev.rx.kick_fd:
+                self._flush_pending()
+            elif fd == dev.tx.kick_fd:
+                self._drain_tx(sink)
+        return True
+
+    def _drain_tx(self, sink: Sink) -> None:
+        q = self.dev.tx
+        if not q.ready:
+            return
+        pieces = self._tx_pieces
+        buf = self._rbuf
+        view = self._rview
+        cap = len(buf)
+        hdr = self.hdr_len
+        pcap = self.pcap
+        done = 0
+        try:
+            q.no_kicks()
+            while True:
+                n = q.avail()
+                if not n:
+                    if not q.want_kicks(q.last_avail):
+                        break
+                    q.no_kicks()
+                    continue
+                while n and done < TX_BATCH:
+                    n -= 1
+                    done += 1
+                    head = q.pop()
+                    pieces.clear()
+                    total = q.chain(head, pieces, False)
+                    q.push(head, 0)
+                    if total > cap or total < hdr + 14:
+                        self.bad_frames += 1
+                        continue
+                    pos = 0
+                    for v, off, length in pieces:
+                        buf[pos:pos + length] = v[off:off + length]
+                        pos += length
+                    if not q.enabled:
+                        continue
+                    frame = view[hdr:total]
+                    self.frames_in += 1
+                    if pcap is not None:
+                        pcap.write(frame)
+                    sink(frame)
+                if done >= TX_BATCH:
+                    if q.avail() and q.kick_fd is not None:
+                        os.eventfd_write(q.kick_fd, 1)     # come back after the others
+                    break
+        except RingError as exc:
+            q.fail(exc)
+        finally:
+            pieces.clear()
+            if q.mapped:
+                q.publish()
+                q.notify()
+
+    # ------------------------------------------------------------ us -> guest
+
+    def send(self, buf: bytearray, start: int, end: int,
+             csum_start: int = 0, csum_offset: int = 0,
+             gso_type: int = 0, gso_size: int = 0) -> bool:
+        hdr = start - self.hdr_len
+        if gso_type:
+            # header length: up to the end of the TCP header, whose length is in doff
+            doff = buf[start + csum_start + 12] >> 4
+            _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type,
+                           csum_start + 4 * doff, gso_size, csum_start, csum_offset)
+        elif csum_start:
+            _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0,
+                           csum_start, csum_offset)
+        else:
+            _HDR.pack_into(buf, hdr, 0, 0, 0, 0, 0, 0)
+        mv = memoryview(buf)
+        if self._put(mv[hdr:end]):
+            if self.pcap is not None:
+                self.pcap.write(mv[start:end])
+            return True
+        return False
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        n = len(frame)
+        if n > FRAME_MAX:
+            self.dropped_out += 1
+            return False
+        scratch = self._scratch
+        scratch[HEADROOM:HEADROOM + n] = frame
+        return self.send(scratch, HEADROOM, HEADROOM + n)
+
+    def _put(self, data: memoryview) -> bool:
+        """Header and frame into the RX ring, or into the queue while it has no room."""
+        q = self.dev.rx
+        if not q.ready or not q.enabled:
+            self.dropped_out += 1
+            return False
+        if self._pending:
+            self._flush_pending()
+        if not self._pending:
+            written = self._write_rx(q, data)
+            if written is not None:
+                if written:
+                    self.frames_out += 1
+                    self._schedule_notify()
+                else:
+                    self.dropped_out += 1
+                return written
+        if self._pending_bytes + len(data) > PENDING_MAX:
+            self.dropped_out += 1
+            return False
+        self._pending.append(bytearray(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes > self.peak_queued:
+            self.peak_queued = self._pending_bytes
+        self.frames_out += 1
+        if len(self._pending) == 1 and q.want_kicks(q.seen):
+            self._flush_pending()        # buffers came while we asked
+        return True
+
+    def _write_rx(self, q: Virtqueue, data: memoryview) -> bool | None:
+        """Copy `data` into receive buffers: True written, False dropped, None no room."""
+        need = len(data)
+        pieces = self._rx_pieces
+        heads = self._rx_heads
+        pieces.clear()
+        heads.clear()
+        try:
+            avail = q.avail()
+            room = 0
+            while room < need:
+                if not avail:
+                    q.unpop(len(heads))
+                    return None
+                head = q.pop()
+                avail -= 1
+                heads.append((head, len(pieces)))
+                room += q.chain(head, pieces, True)
+                if not self.mrg_rxbuf:
+                    break
+            if room < need:
+                # one buffer per frame without mergeable buffers, and this one is too small
+                q.push(heads[0][0], 0)
+                q.publish()
+                return False
+            if self.hdr_len == 12:
+                _NUM_BUFFERS.pack_into(data, 10, len(heads))
+            pos = 0
+            nheads = len(heads)
+            for h in range(nheads):
+                head, first = heads[h]
+                last = heads[h + 1][1] if h + 1 < nheads else len(pieces)
+                written = 0
+                for p in range(first, last):
+                    v, off, length = pieces[p]
+                    n = need - pos
+                    if n > length:
+                        n = length
+                    v[off:off + n] = data[pos:pos + n]
+                    pos += n
+                    written += n
+                    if pos == need:
+                        break
+                q.push(head, written)
+            q.publish()
+            return True
+        except RingError as exc:
+            q.fail(exc)
+            return False
+        finally:
+            pieces.clear()
+
+    def _flush_pending(self) -> None:
+        pending = self._pending
+        q = self.dev.rx
+        while pending:
+            if not q.ready or not q.enabled:
+                self._drop_pending()
+                return
+            data = pending[0]
+            written = self._write_rx(q, memoryview(data))
+            if written is None:
+                if not q.want_kicks(q.seen):
+                    break                 # the guest kicks the RX queue when it adds some
+                continue
+            pending.popleft()
+            self._pending_bytes -= len(data)
+            if not written:
+                self.dropped_out += 1
+                continue
+            self._schedule_notify()
+        if not pending:
+            if q.mapped:
+                q.no_kicks()
+            if self.on_drain is not None:
+                self.on_drain()
+
+    def _drop_pending(self) -> None:
+        self.dropped_out += len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _schedule_notify(self) -> None:
+        if self.loop is None:
+            self.notify()
+        elif self._notify_timer is None:
+            self._notify_timer = self.loop.call_later(0, self.notify)
+
+    def notify(self) -> None:
+        """Signal the guest for everything given back since the last signal."""
+        self._notify_timer = None
+        q = self.dev.rx
+        if q.mapped:
+            q.notify()
+
+    # ------------------------------------------------------------ the end
+
+    def stopped(self) -> None:
+        """The RX ring stopped (or its memory changed): queued frames are dropped."""
+        self._drop_pending()
+
+    def close(self) -> None:
+        if self._notify_timer is not None:
+            self._notify_timer.cancel()
+            self._notify_timer = None
+        self._drop_pending()
+        if self.loop is not None and self.loop.watching(self.fileno()):
+            self.loop.remove(self.fileno())
+
+
+__all__ = ["VhostUserTap", "RX", "TX"]

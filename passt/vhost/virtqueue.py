@@ -1,0 +1,356 @@
+"""One split virtqueue (VIRTIO 1.2, section 2.7) in guest memory, seen from the device.
+
+Layout, all little-endian, at the addresses SET_VRING_ADDR gave:
+
+    descriptor table  num x {u64 addr, u32 len, u16 flags, u16 next}    (16-byte aligned)
+    available ring    u16 flags, u16 idx, u16 ring[num], u16 used_event   (2-byte aligned)
+    used ring         u16 flags, u16 idx, {u32 id, u32 len}[num], u16 avail_event (4)
+
+The driver (the guest) puts the head index of each buffer it offers in the
+available ring and bumps `idx`; we take heads in order from `last_avail`,
+follow each chain of descriptors (`next`, or a table of them with
+INDIRECT), and give the buffer back in the used ring with the number of
+bytes we wrote into it.  The rings are read through memoryview casts of the
+mapped region, so one field is one index operation.
+
+The guest is hostile and owns this memory: every head index, `next` index,
+descriptor address, length and flag is checked before use.  A head or next
+index out of the table, a chain longer than the queue (a loop), an
+available index that moved by more than the queue size, an address in no
+memory region, a nested or malformed indirect table, a buffer of the wrong
+direction: all raise `RingError`; the owner then stops the queue (one log
+line, the error eventfd signalled) and serves nothing more on it until the
+front-end configures it again.
+
+Notifications, both ways, honour the driver's wishes: with EVENT_IDX we
+signal the call eventfd only when the used index passes the driver's
+`used_event`, and ask for kicks by writing `avail_event`; without it the
+flags words (NO_INTERRUPT, NO_NOTIFY) do the same coarsely.  Between
+publishing an index and reading the other side's event field a full memory
+barrier is needed (the driver does the mirror image).  Python has no fence;
+acquiring and releasing a lock executes a locked instruction, which on x86
+(the only host this supports, see `vhost.device`) is a full barrier.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import struct
+
+from passt.vhost.memory import BadAddress, GuestMemory
+
+log = logging.getLogger("vhost")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+QUEUE_SIZE_MAX = 32768
+
+_DESC = struct.Struct("<QIHH")
+_fence_lock = _thread.allocate_lock()
+
+Piece = tuple[memoryview, int, int]      # region view, offset, length
+
+
+def fence() -> None:
+    """A full memory barrier (a locked instruction on x86)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """VIRTIO's vring_need_event: did the index move from `old` to `new` past `event`?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class RingError(Exception):
+    """The guest broke this ring's rules: the queue stops."""
+
+
+class Virtqueue:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = "RX" if index % 2 == 0 else "TX"
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the configuration (not the descriptors: see `close_fds`)."""
+        self.num = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.addr_set = False
+        self.last_avail = 0
+        self.seen = 0                  # the available index at the last look
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_valid = False
+        self.started = False
+        self.enabled = False
+        self.broken = False
+        self.event_idx = False
+        self.indirect = False
+        self.errors = 0
+        self.unmap()
+
+    def unmap(self) -> None:
+        for name in ("_dq", "_di", "_dh", "_avail", "_used_h", "_used_i"):
+            view = getattr(self, name, None)
+            if view is not None:
+                view.release()
+            setattr(self, name, None)
+        self.mapped = False
+        self.mem: GuestMemory | None = None
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    # ------------------------------------------------------------ configuration
+
+    def set_num(self, num: int) -> None:
+        if not 0 < num <= QUEUE_SIZE_MAX or num & (num - 1):
+            raise RingError(f"queue size {num} (a power of two up to {QUEUE_SIZE_MAX})")
+        self.num = num
+
+    def set_addr(self, desc: int, used: int, avail: int) -> None:
+        self.desc_addr, self.used_addr, self.avail_addr = desc, used, avail
+        self.addr_set = True
+
+    @property
+    def ready(self) -> bool:
+        """Started, mapped and not broken: the ring may be processed."""
+        return self.started and self.mapped and not self.broken
+
+    def map(self, mem: GuestMemory, event_idx: bool, indirect: bool) -> None:
+        """Point the ring views at guest memory (at start, and after a new memory table)."""
+        self.unmap()
+        self.event_idx = event_idx
+        self.indirect = indirect
+        num = self.num
+        if not num or not self.addr_set:
+            raise RingError("started before its size and addresses were set")
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise RingError("misaligned ring addresses")
+        extra = 2 if event_idx else 0
+        try:
+            dview, doff = mem.uva(self.desc_addr, 16 * num)
+            aview, aoff = mem.uva(self.avail_addr, 4 + 2 * num + extra)
+            uview, uoff = mem.uva(self.used_addr, 4 + 8 * num + extra)
+        except BadAddress as exc:
+            raise RingError(str(exc)) from None
+        desc = dview[doff:doff + 16 * num]
+        self._dq = desc.cast("Q")
+        self._di = desc.cast("I")
+        self._dh = desc.cast("H")
+        desc.release()
+        self._avail = aview[aoff:aoff + 4 + 2 * num + extra].cast("H")
+        self._used_h = uview[uoff:uoff + 4 + 8 * num + extra].cast("H")
+        self._used_i = uview[uoff:uoff + 4 + 8 * num].cast("I")
+        self.mem = mem
+        self.mapped = True
+        # the front-end's base (SET_VRING_BASE) says where to take buffers from; the
+        # used index is where the ring says we left off giving them back
+        self.used_idx = self._used_h[1]
+        self.signalled_valid = False
+
+    # ------------------------------------------------------------ available ring
+
+    def avail(self) -> int:
+        """How many buffers the driver offers beyond the ones we took."""
+        idx = self.seen = self._avail[1]
+        n = (idx - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise RingError(f"available index moved by {n}, more than the queue size "
+                            f"{self.num}")
+        return n
+
+    def pop(self) -> int:
+        """The next head index (the caller checked `avail()`)."""
+        head = self._avail[2 + (self.last_avail & (self.num - 1))]
+        if head >= self.num:
+            raise RingError(f"head index {head} beyond the queue size {self.num}")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head
+
+    def unpop(self, count: int) -> None:
+        """Put back the last `count` heads taken (they are read again next time)."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
+    def chain(self, head: int, pieces: list[Piece], writable: bool) -> int:
+        """Append the buffer of `head` to `pieces` as (view, offset, length); return its size.
+
+        `writable`: the direction every descriptor must have (RX: device-writable).
+        """
+        dh = self._dh
+        flags = dh[8 * head + 6]
+        want = DESC_F_WRITE if writable else 0
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and flags & DESC_F_WRITE == want:
+            # the common case: one descriptor, in one region
+            addr = self._dq[2 * head]
+            length = self._di[4 * head + 2]
+            if length:
+                try:
+                    view, off, n = self.mem.gpa(addr, length)
+                except BadAddress as exc:
+                    raise RingError(str(exc)) from None
+                if n == length:
+                    pieces.append((view, off, n))
+                    return n
+            else:
+                return 0
+        return self._chain_slow(head, pieces, want)
+
+    def _chain_slow(self, head: int, pieces: list[Piece], want: int) -> int:
+        dq, di, dh = self._dq, self._di, self._dh
+        num = self.num
+        total = 0
+        i = head
+        seen = 0
+        while True:
+            seen += 1
+            if seen > num:
+                raise RingError(f"descriptor chain from {head} is longer than the queue "
+                                f"(a loop?)")
+            flags = dh[8 * i + 6]
+            addr = dq[2 * i]
+            length = di[4 * i + 2]
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise RingError("indirect descriptor without the feature")
+                if flags & DESC_F_NEXT or seen > 1:
+                    raise RingError("indirect descriptor inside a chain")
+                return self._indirect(addr, length, pieces, want)
+            if flags & DESC_F_WRITE != want:
+                raise RingError(f"descriptor {i}: wrong direction for the {self.name} queue")
+            total += self._add(addr, length, pieces)
+            if not flags & DESC_F_NEXT:
+                return total
+            i = dh[8 * i + 7]
+            if i >= num:
+                raise RingError(f"next index {i} beyond the queue size {num}")
+
+    def _indirect(self, addr: int, length: int, pieces: list[Piece], want: int) -> int:
+        if not length or length % 16:
+            raise RingError(f"indirect table of {length} bytes")
+        count = length // 16
+        if count > self.num:
+            raise RingError(f"indirect table of {count} descriptors, more than the queue")
+        try:
+            view, off = self.mem.gpa_whole(addr, length)
+        except BadAddress as exc:
+            raise RingError(str(exc)) from None
+        unpack = _DESC.unpack_from
+        total = 0
+        i = 0
+        seen = 0
+        while True:
+            seen += 1
+            if seen > count:
+                raise RingError("indirect chain longer than its table (a loop?)")
+            d_addr, d_len, flags, nxt = unpack(view, off + 16 * i)
+            if flags & DESC_F_INDIRECT:
+                raise RingError("nested indirect table")
+            if flags & DESC_F_WRITE != want:
+                raise RingError(f"indirect descriptor {i}: wrong direction for the "
+                                f"{self.name} queue")
+            total += self._add(d_addr, d_len, pieces)
+            if not flags & DESC_F_NEXT:
+                return total
+            if nxt >= count:
+                raise RingError(f"indirect next index {nxt} beyond its table of {count}")
+            i = nxt
+
+    def _add(self, addr: int, length: int, pieces: list[Piece]) -> int:
+        """One descriptor's bytes, split where they cross from one region into the next."""
+        left = length
+        try:
+            while left:
+                view, off, n = self.mem.gpa(addr, left)
+                pieces.append((view, off, n))
+                addr += n
+                left -= n
+        except BadAddress as exc:
+            raise RingError(str(exc)) from None
+        return length
+
+    # ------------------------------------------------------------ used ring
+
+    def push(self, head: int, length: int) -> None:
+        """Give a buffer back (visible to the driver at the next `publish`)."""
+        slot = self.used_idx & (self.num - 1)
+        ui = self._used_i
+        ui[1 + 2 * slot] = head
+        ui[2 + 2 * slot] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        self._used_h[1] = self.used_idx
+
+    def notify(self) -> bool:
+        """Signal the call eventfd if the driver wants to hear about what we published."""
+        if self.call_fd is None or not self.mapped:
+            return False
+        new = self.used_idx
+        old = self.signalled_used
+        if new == old and self.signalled_valid:
+            return False
+        fence()
+        if self.event_idx:
+            valid = self.signalled_valid
+            self.signalled_used = new
+            self.signalled_valid = True
+            if valid and not need_event(self._avail[2 + self.num], new, old):
+                return False
+        else:
+            self.signalled_used = new
+            self.signalled_valid = True
+            if self._avail[0] & AVAIL_F_NO_INTERRUPT:
+                return False
+        try:
+            os.eventfd_write(self.call_fd, 1)
+        except OSError as exc:
+            log.debug("%s queue: call eventfd: %s", self.name, exc)
+        return True
+
+    # ------------------------------------------------------------ kicks
+
+    def want_kicks(self, at: int) -> bool:
+        """Ask the driver to kick once its available index passes `at`.
+
+        `at` is `last_avail` to hear of anything we have not taken yet, or the
+        current available index to hear only of buffers added from now on.
+        Returns True when the index already moved past `at` (no kick will come
+        for that: look at the ring again).
+        """
+        if self.event_idx:
+            self._used_h[2 + 4 * self.num] = at
+        else:
+            self._used_h[0] = 0
+        fence()
+        return self._avail[1] != at
+
+    def no_kicks(self) -> None:
+        """We will look at the ring anyway: the driver need not kick (advisory)."""
+        if not self.event_idx:
+            self._used_h[0] = USED_F_NO_NOTIFY
+        # with EVENT_IDX an old avail_event already lies behind the driver's index
+
+    def fail(self, exc: Exception) -> None:
+        """Stop the queue for good (until reconfigured): one log line, the error eventfd."""
+        self.broken = True
+        self.errors += 1
+        log.error("vhost-user %s queue stopped: %s", self.name, exc)
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
