@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def run_archive(script: str, extra_files: dict[str, bytes] | None = None) -> byt
 
 def qemu_command(image: GuestImage, initrd: Path, console: Path, netdev: Sequence[str],
                  qemu: str = "qemu-system-x86_64", *, mac: str = DEFAULT_MAC,
-                 netdev_id: str = "n0", memory_mb: int = 256,
+                 netdev_id: str = "n0", memory_mb: int = 256, device_opts: str = "",
                  extra_args: Sequence[str] = ()) -> list[str]:
     cmd = [
         qemu, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
@@ -63,7 +63,8 @@ def qemu_command(image: GuestImage, initrd: Path, console: Path, netdev: Sequenc
         "-append", KERNEL_CMDLINE,
     ]
     if netdev:
-        cmd += ["-device", f"virtio-net-pci,netdev={netdev_id},mac={mac}", *netdev]
+        opts = f",{device_opts}" if device_opts else ""
+        cmd += ["-device", f"virtio-net-pci,netdev={netdev_id},mac={mac}{opts}", *netdev]
     return cmd + list(extra_args)
 
 
@@ -71,13 +72,16 @@ def run_guest(image: GuestImage, netdev: list[str], script: str, timeout: float,
               extra_files: dict[str, bytes] | None = None,
               qemu: str = "qemu-system-x86_64", wrapper: list[str] | None = None,
               *, mac: str = DEFAULT_MAC, netdev_id: str = "n0", memory_mb: int = 256,
-              extra_args: Sequence[str] = (), pass_fds: Sequence[int] = (),
-              workdir: Path | None = None) -> GuestResult:
+              device_opts: str = "", extra_args: Sequence[str] = (),
+              pass_fds: Sequence[int] = (), workdir: Path | None = None,
+              on_start: Callable[[subprocess.Popen], None] | None = None) -> GuestResult:
     """Boot the guest, run `script` in it with sh, return its exit status and console.
 
     netdev: QEMU arguments for the backend, e.g. ["-netdev", "stream,id=n0,server=off,
     addr.type=unix,addr.path=SOCK"] or, under wrapper ["qrap", "5"], ["-netdev",
-    "socket,fd=5,id=n0"]; a virtio-net-pci device with `mac` is attached to `netdev_id`.
+    "socket,fd=5,id=n0"]; a virtio-net-pci device with `mac` (and `device_opts`, more
+    of its properties) is attached to `netdev_id`.  `on_start(proc)` is called once QEMU
+    runs (a test may kill it: the result then says how it ended).
     An empty list boots without a network device. Per-run files (initrd copy, console
     log) go to a temporary directory under `workdir` (default: the system's), which
     must stay visible to QEMU: a wrapper that mounts over /tmp needs another workdir.
@@ -92,13 +96,15 @@ def run_guest(image: GuestImage, netdev: list[str], script: str, timeout: float,
         console.touch()
         cmd = [*(wrapper or []), *qemu_command(
             image, initrd, console, netdev, qemu, mac=mac, netdev_id=netdev_id,
-            memory_mb=memory_mb, extra_args=extra_args)]
+            memory_mb=memory_mb, device_opts=device_opts, extra_args=extra_args)]
         started = time.monotonic()
         with open(tmp / "qemu.stderr", "w+b") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     pass_fds=tuple(pass_fds), start_new_session=True)
             timed_out = False
             try:
+                if on_start is not None:
+                    on_start(proc)
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True

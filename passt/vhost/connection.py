@@ -168,9 +168,10 @@ class VhostUserConnection:
             self.on_dataplane(None)
         if self.tap is not None:
             tap = self.tap
-            log.debug("guest link: %d frames in, %d out, %d dropped, %d bad, queue peak %d "
-                      "bytes", tap.frames_in, tap.frames_out, tap.dropped_out, tap.bad_frames,
-                      tap.peak_queued)
+            log.info("guest link: %d frames in (%d large segments), %d out (%d large "
+                     "segments), %d dropped, %d bad, queue peak %d bytes", tap.frames_in,
+                     tap.gso_in, tap.frames_out, tap.gso_out, tap.dropped_out, tap.bad_frames,
+                     tap.peak_queued)
             tap.close()
             self.tap = None
 

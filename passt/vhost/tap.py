@@ -65,6 +65,7 @@ class VhostUserTap:
         self.csum_offload = device.guest_offload
         self.frames_in = self.frames_out = self.dropped_out = 0
         self.bad_frames = 0               # TX buffers too short or too long for a frame
+        self.gso_in = self.gso_out = 0    # large segments from and to the guest
         self.peak_queued = 0
         self.on_drain: Callable[[], None] | None = None
         self._rbuf = bytearray(self.hdr_len + FRAME_MAX)
@@ -140,6 +141,8 @@ class VhostUserTap:
                         pos += length
                     if not q.enabled:
                         continue
+                    if buf[1]:
+                        self.gso_in += 1
                     frame = view[hdr:total]
                     self.frames_in += 1
                     if pcap is not None:
@@ -168,6 +171,7 @@ class VhostUserTap:
             doff = buf[start + csum_start + 12] >> 4
             _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type,
                            csum_start + 4 * doff, gso_size, csum_start, csum_offset)
+            self.gso_out += 1
         elif csum_start:
             _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0,
                            csum_start, csum_offset)
