@@ -335,6 +335,8 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
     splice_only = mode == "pasta" and bool(opts.get("splice_only"))
     if splice_only and opts.get("no_splice"):
         raise ConfigError("--splice-only is incompatible with --no-splice")
+    if opts.get("host_lo_to_ns_lo") and opts.get("no_splice"):
+        raise ConfigError("--host-lo-to-ns-lo is incompatible with --no-splice")
 
     # IPv4: the template is the host interface found by `hostinfo` (default route,
     # else the first with any route), if it has an address; else local mode.

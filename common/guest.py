@@ -30,12 +30,17 @@ class GuestState:
             self.mac = bytes(mac)
             self.mac_seen = True
 
+    # a guest never becomes a loopback, unspecified, multicast or IPv4-mapped address:
+    # inbound connections and pasta's host loopback clients are delivered to these
+
     def observe_addr4(self, addr: IPv4Address) -> None:
-        if addr != self.addr4 and not addr.is_unspecified:
+        if addr != self.addr4 and not (addr.is_unspecified or addr.is_loopback
+                                       or addr.is_multicast or addr.packed[0] == 0):
             self.addr4 = addr
 
     def observe_addr6(self, addr: IPv6Address) -> None:
         if addr.is_link_local:
             self.addr6_ll = addr
-        elif not addr.is_unspecified and not addr.is_multicast:
+        elif not (addr.is_unspecified or addr.is_multicast or addr.is_loopback
+                  or addr.ipv4_mapped is not None or addr.packed[:12] == bytes(12)):
             self.addr6 = addr

@@ -1,8 +1,10 @@
 """pasta's forwarded ports: -t/-T and -u/-U (and the splice paths they feed).
 
-- `-t` listens on the host.  A client on the host's loopback is spliced to
-  the namespace's loopback (unless `--no-splice`); any other client becomes a
-  TCP connection towards the guest through the tap.
+- `-t` listens on the host.  A client on the host's loopback is spliced
+  (unless `--no-splice`) to the namespace's own address, so that services
+  bound to the namespace's loopback only are not exposed on the host (to its
+  loopback with `--host-lo-to-ns-lo`, or `--splice-only`); any other client
+  becomes a TCP connection towards the guest through the tap.
 - `-T` listens on the namespace's loopback and splices to the host's
   loopback.
 - `-u` and `-U` do the same for UDP: `-u` sockets belong to `common.udp`,
@@ -22,13 +24,14 @@ import socket
 from collections.abc import Callable
 
 from common.conf import Config
+from common.guest import GuestState
 from common.listeners import PortForwarder, host_socket, tcp_listener
 from common.loop import Loop
 from common.procnet import ProcNetFile, scan_ports
 from common.tcp.handler import TcpHandler
 from common.udp import UdpHandler, bind_udp, udp_listener
 from pasta.nsthread import NsThread
-from pasta.splice import Splicer
+from pasta.splice import Splicer, ns_loopback
 from pasta.udp_splice import UdpSplicer
 
 log = logging.getLogger("pasta")
@@ -57,13 +60,18 @@ def _is_loopback(addr: bytes) -> bool:
 
 class PastaForwarding:
     def __init__(self, conf: Config, loop: Loop, ns: NsThread, tcp: TcpHandler | None,
-                 splice: bool, udp: UdpHandler | None = None) -> None:
+                 splice: bool, udp: UdpHandler | None = None, *,
+                 guest: GuestState | None = None, host_lo_to_ns_lo: bool = False) -> None:
         self.conf = conf
         self.loop = loop
         self.ns = ns
         self.tcp = tcp
         self.udp = udp
-        self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n))
+        self.guest = guest
+        # without a guest (--splice-only) only the namespace's loopback is there to reach
+        ns_dest = ns_loopback if host_lo_to_ns_lo or guest is None else self._ns_address
+        self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n),
+                               ns_dest)
         self.splice_in = splice
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
@@ -84,7 +92,8 @@ class PastaForwarding:
             open_port=tcp_listener(loop, self._ns_socket, self.splicer.accept_host),
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
-                                                                      family, n))
+                                                                      family, n),
+                                      ns_dest=ns_dest)
         ns_udp = self._scanner(("udp", "udp6"), in_ns=True)
         host_udp = self._scanner(("udp", "udp6"), in_ns=False)
         self.udp_in = PortForwarder(
@@ -97,6 +106,13 @@ class PastaForwarding:
             loop, conf.udp_out, "-U", families=(socket.AF_INET, socket.AF_INET6),
             loopback_only=True, open_port=self._open_udp_ns,
             scan=host_udp, exclude=lambda: self.udp_in.ports)
+
+    def _ns_address(self, v6: bool) -> str | None:
+        """Where host loopback clients reach the namespace: its own address (the one its
+        frames come from), never its loopback, so loopback-only services stay private."""
+        assert self.guest is not None
+        addr = self.guest.addr6 if v6 else self.guest.addr4
+        return str(addr) if addr is not None else None
 
     def _scanner(self, tables: tuple[str, ...], *, in_ns: bool) -> Callable[[], set[int]]:
         """A scan of the bound ports in /proc/net `tables`, of the namespace or the host;

@@ -111,7 +111,9 @@ class Session:
         self.dataplane.start()
         self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
                                           splice=not self.opts.get("no_splice"),
-                                          udp=self.dataplane.udp)
+                                          udp=self.dataplane.udp, guest=self.dataplane.guest,
+                                          host_lo_to_ns_lo=bool(
+                                              self.opts.get("host_lo_to_ns_lo")))
 
     def _on_stop_signal(self, signum: int) -> None:
         log.warning("%s: exiting", signal.Signals(signum).name)

@@ -1,9 +1,14 @@
 """The splice path: loopback TCP between the host and the namespace, socket to socket.
 
-When both ends are loopback (a host client on 127.0.0.1/::1 to a `-t` port,
-or a namespace client on its loopback to a `-T` port) no frame needs to
-exist: we accept on one side, connect on the other side's loopback, and move
-bytes with splice(2) through a pipe per direction.  The data never enters
+When the client is on a loopback (a host client on 127.0.0.1/::1 to a `-t`
+port, or a namespace client on its loopback to a `-T` port) no frame needs
+to exist: we accept on one side, connect on the other side, and move bytes
+with splice(2) through a pipe per direction.  A namespace client reaches the
+host's loopback.  A host client reaches the namespace where `ns_dest` says:
+by default the namespace's own address (its kernel picks that address as our
+source too, so the service sees a connection from its own address), so that
+a service listening on the namespace's loopback only is not exposed on the
+host; with `--host-lo-to-ns-lo`, the namespace's loopback, as before.  The data never enters
 Python; each wakeup costs a couple of system calls per direction.
 
 Sockets in the namespace are made by the namespace thread.  Making one there
@@ -81,11 +86,24 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+LOOPBACK = ("127.0.0.1", "::1")
+
+NsDest = Callable[[bool], "str | None"]
+
+
+def ns_loopback(v6: bool) -> str:
+    """An `NsDest`: the namespace's loopback (--host-lo-to-ns-lo, --splice-only)."""
+    return LOOPBACK[v6]
+
+
 class Splicer:
-    def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]]) -> None:
-        """ns_socket(family, n): n new non-blocking stream sockets inside the namespace."""
+    def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]],
+                 ns_dest: NsDest = ns_loopback) -> None:
+        """ns_socket(family, n): n new non-blocking stream sockets inside the namespace;
+        ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.ns_socket = ns_socket
+        self.ns_dest = ns_dest
         self.conns: set[SpliceConn] = set()
         self.counters: Counter[str] = Counter()
         self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
@@ -99,15 +117,20 @@ class Splicer:
     # ------------------------------------------------------------ entry points
 
     def from_host(self, sock: socket.socket, to_port: int, v6: bool) -> None:
-        """A host loopback client on a -t port: connect to the namespace's loopback."""
+        """A host loopback client on a -t port: connect to `ns_dest` in the namespace."""
         family = socket.AF_INET6 if v6 else socket.AF_INET
+        dest = self.ns_dest(v6)
+        if dest is None:
+            self.counters["no_ns_addr"] += 1
+            _abort_sock(sock)
+            return
         try:
             peer = self._ns_sock(family)
         except OSError as exc:
             log.debug("splice: no namespace socket: %s", exc)
             self._refuse(sock)
             return
-        self._start(sock, peer, ("::1" if v6 else "127.0.0.1", to_port))
+        self._start(sock, peer, (dest, to_port))
 
     def from_ns(self, sock: socket.socket, to_port: int, v6: bool) -> None:
         """A namespace loopback client on a -T port: connect to the host's loopback."""
@@ -119,7 +142,7 @@ class Splicer:
             log.debug("splice: no host socket: %s", exc)
             self._refuse(sock)
             return
-        self._start(sock, peer, ("::1" if v6 else "127.0.0.1", to_port))
+        self._start(sock, peer, (LOOPBACK[v6], to_port))
 
     def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
                     v6: bool, to_addr: bytes | None = None) -> None:

@@ -1,13 +1,19 @@
-"""The loopback fast path for UDP: host loopback <-> namespace loopback, socket to socket.
+"""The loopback fast path for UDP: a loopback client and the other side, socket to socket.
 
-When both ends of a forwarded UDP conversation are loopback (a host client
-on 127.0.0.1/::1 sending to a `-u` port, or a namespace client on its
+When the client of a forwarded UDP conversation is on a loopback (a host
+client on 127.0.0.1/::1 sending to a `-u` port, or a namespace client on its
 loopback sending to a `-U` port), no frame needs to exist.  Each such
 conversation is a flow:
 
     client --(datagram)--> listening socket L   (the port the client sent to)
-    flow socket O, on the other side's loopback, bound where free to the
-    client's port, connected to loopback:to_port --> the server
+    flow socket O, on the other side, bound where free to the client's
+    port, connected to ADDR:to_port --> the server
+
+ADDR is the host's loopback for a namespace client.  For a host client it is
+what `ns_dest` says, as for TCP (`pasta.splice`): by default the namespace's
+own address, O bound to it too, so a service on the namespace's loopback
+only is not exposed and the server hears from its own address; with
+`--host-lo-to-ns-lo`, the namespace's loopback.
 
 Datagrams from the client, read from L, are sent on O; the server's replies,
 read from O, go back to the client with sendto() on L, so the client hears
@@ -42,6 +48,7 @@ from common.udp.handler import (
     drain_errors,
     set_buffers,
 )
+from pasta.splice import NsDest, ns_loopback
 
 log = logging.getLogger("udp_splice")
 
@@ -93,11 +100,14 @@ class NsListener:
 
 class UdpSplicer:
     def __init__(self, loop: Loop, ns_sockets: Callable[[int, int], list[socket.socket]], *,
+                 ns_dest: NsDest = ns_loopback,
                  max_flows: int = MAX_FLOWS, idle: float = IDLE_TIMEOUT,
                  idle_replied: float = IDLE_TIMEOUT_REPLIED) -> None:
-        """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace."""
+        """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace;
+        ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.ns_sockets = ns_sockets
+        self.ns_dest = ns_dest
         self.table: FlowTable[SpliceFlow] = FlowTable(limit=max_flows, idle=idle,
                                                       idle_replied=idle_replied,
                                                       on_close=self._release)
@@ -119,8 +129,12 @@ class UdpSplicer:
             if flow is not None:                 # a closed listener's fd, reused
                 self.table.close(flow)
             family = socket.AF_INET6 if listener.v6 else socket.AF_INET
+            dest = self.ns_dest(listener.v6)
+            if dest is None:
+                self.counters["no_ns_addr"] += 1
+                return
             flow = self._open(listener.fd, listener.sock, listener, peer, family,
-                              listener.to_port, self._ns_sock)
+                              listener.to_port, self._ns_sock, dest)
             if flow is None:
                 return
         self._forward(flow, data)
@@ -143,7 +157,7 @@ class UdpSplicer:
             flow = peers.get(peer) if peers is not None else None
             if flow is None:
                 flow = self._open(lst.fd, lst.sock, lst, peer, lst.family, lst.to_port,
-                                  self._host_sock)
+                                  self._host_sock, LOOPBACK[lst.family])
                 if flow is None:
                     continue
                 peers = self._peers[lst.fd]
@@ -168,7 +182,8 @@ class UdpSplicer:
                              | socket.SOCK_CLOEXEC)
 
     def _open(self, fd: int, back: socket.socket, owner: object, peer: tuple, family: int,
-              to_port: int, make: Callable[[int], socket.socket]) -> SpliceFlow | None:
+              to_port: int, make: Callable[[int], socket.socket],
+              addr: str) -> SpliceFlow | None:
         if not self.table.room():
             self.counters["limit"] += 1
             return None
@@ -178,16 +193,15 @@ class UdpSplicer:
             self.counters["socket_fail"] += 1
             log.debug("udp splice: no socket: %s", exc)
             return None
-        lo = LOOPBACK[family]
         set_buffers(out)
         try:
             if family == socket.AF_INET6:
                 out.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                out.bind((lo, peer[1]))        # the client's port, where free
+                out.bind((addr, peer[1]))      # the client's port, where free
             except OSError:
-                out.bind((lo, 0))
-            out.connect((lo, to_port))
+                out.bind((addr, 0))
+            out.connect((addr, to_port))
         except OSError as exc:
             self.counters["connect_fail"] += 1
             log.debug("udp splice: to port %d: %s", to_port, exc)

@@ -30,3 +30,23 @@ def test_forbidden(src, dst):
 ])
 def test_allowed(src, dst):
     assert not forbidden(":" in src, _p(src), _p(dst))
+
+
+def test_guest_never_claims_loopback_or_mapped_addresses():
+    """pasta delivers host loopback clients to the guest's address: never a loopback."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from common.guest import GuestState
+    from tests.support import make_conf
+
+    conf = make_conf()
+    g = GuestState(conf)
+    a4, a6 = g.addr4, g.addr6
+    for bad in ("127.0.0.1", "0.0.0.0", "0.1.2.3", "224.0.0.1"):
+        g.observe_addr4(IPv4Address(bad))
+    for bad in ("::1", "::", "::ffff:127.0.0.1", "::127.0.0.1", "ff02::1"):
+        g.observe_addr6(IPv6Address(bad))
+    assert (g.addr4, g.addr6) == (a4, a6)
+    g.observe_addr4(IPv4Address("192.0.2.7"))
+    g.observe_addr6(IPv6Address("2001:db8::7"))
+    assert (str(g.addr4), str(g.addr6)) == ("192.0.2.7", "2001:db8::7")
