@@ -289,15 +289,24 @@ def inject(server: Server, frames: list[bytes]) -> None:
     server.call(lambda: [server.session.conn.tap.send_frame(f) for f in frames])
 
 
-def test_large_frame_spans_mergeable_buffers(server: Server, guest: Guest) -> None:
+@pytest.mark.parametrize("layout", ["adjacent", "apart", "across regions"])
+def test_large_frame_spans_mergeable_buffers(server: Server, guest: Guest,
+                                             layout: str) -> None:
+    if layout == "across regions":
+        guest.ram.next = GPA_BASE + REGION_SIZE - 5000
     guest.post_rx(50, size=1536)
+    if layout == "apart":                   # every other buffer: none continues the last
+        for head in list(guest.rx.chains)[::2]:
+            addr, length, flags, nxt = guest.ram.unpack(DESC, guest.rx.desc + 16 * head)
+            guest.ram.pack(DESC, guest.rx.desc + 16 * head, addr + 64, length - 64, flags,
+                           nxt)
     frame = bytes(range(256)) * 256                          # 64 KiB
     frame = b"\x52\x54\x00\x12\x34\x56" + frame[6:]
     inject(server, [frame])
     (hdr, data), = frames_in(guest)
     assert data == frame
     nbuf = HDR.unpack(hdr)[6]
-    assert nbuf == -(-(len(frame) + 12) // 1536)
+    assert nbuf == -(-(len(frame) + 12) // (1536 - (32 if layout == "apart" else 0)))
     assert events(guest.call[0], 1.0) == 1
 
 
@@ -538,13 +547,47 @@ def test_stopped_queue_restarts_when_configured_again(server: Server, guest: Gue
     check_arp_reply(frames_in(guest)[0][1], GW4)
 
 
-def test_hostile_rx_ring_stops_rx_only(server: Server, guest: Guest,
+def break_rx(g: Guest, how: str) -> None:
+    """Offer receive buffers that break the ring's rules in the way `how` says."""
+    ring, ram = g.rx, g.ram
+    if how == "buffer not device-writable":
+        ring.add([(ram.alloc(2048), 2048)], write=False)
+    elif how == "head beyond the queue":
+        g.post_rx(1)
+        ring.offer(g.num + 1)
+    elif how == "available index jumps":
+        g.post_rx(1)
+        ring.publish((ring.avail_idx + g.num + 1) & 0xFFFF)
+    elif how == "address in no region":
+        g.post_rx(1)                        # a good one first: the frame needs both
+        i = ring.free.pop(0)
+        ring.set_desc(i, 0xDEAD0000000, 4096, WRITE)
+        ring.offer(i)
+    elif how == "length past the memory's end":
+        i = ring.free.pop(0)
+        ring.set_desc(i, GPA_BASE + 2 * REGION_SIZE - 64, 0x100000, WRITE)
+        ring.offer(i)
+    elif how == "descriptor loop":
+        i, j = ring.free.pop(0), ring.free.pop(0)
+        buf = ram.alloc(64)
+        ring.set_desc(i, buf, 32, WRITE | NEXT, j)
+        ring.set_desc(j, buf + 32, 32, WRITE | NEXT, i)
+        ring.offer(i)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["buffer not device-writable", "head beyond the queue",
+                                 "available index jumps", "address in no region",
+                                 "length past the memory's end", "descriptor loop"])
+def test_hostile_rx_ring_stops_rx_only(server: Server, guest: Guest, how: str,
                                        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="vhost"):
-        guest.rx.add([(guest.ram.alloc(2048), 2048)], write=False)   # not device-writable
-        inject(server, [b"\x52\x54\x00\x12\x34\x56" + bytes(60)])
+        break_rx(guest, how)
+        inject(server, [b"\x52\x54\x00\x12\x34\x56" + bytes(3000)])
         assert events(guest.err[0], 2.0) == 1
-    assert any("RX queue stopped" in r.getMessage() for r in caplog.records)
+    lines = [r for r in caplog.records if r.name == "vhost" and r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "RX queue stopped" in lines[0].getMessage(), lines
     # TX still drains (its frames' replies are dropped: RX is stopped)
     guest.send_frame(arp_request(GW4))
     wait_for(lambda: guest.tx.used_idx() == 1, "the TX buffer back")

@@ -72,6 +72,8 @@ class GuestMemory:
     def __init__(self, regions: list[Region] | None = None) -> None:
         self.regions = regions or []
         self._last = self.regions[0] if self.regions else None
+        # (first guest address, end, view) per region, for loops that inline the lookup
+        self.spans = tuple((r.gpa, r.gpa_end, r.view) for r in self.regions)
 
     @classmethod
     def map(cls, table: list[tuple[int, int, int, int]], fds: list[int]) -> GuestMemory:
@@ -93,6 +95,7 @@ class GuestMemory:
                 os.close(fd)
 
     def close(self) -> None:
+        self.spans = ()
         for r in self.regions:
             r.close()
         self.regions = []

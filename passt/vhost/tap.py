@@ -129,16 +129,20 @@ class VhostUserTap:
                     n -= 1
                     done += 1
                     head = q.pop()
-                    pieces.clear()
-                    total = q.chain(head, pieces, False)
+                    total = q.gather(head, buf)
+                    if total < 0:
+                        # not the usual shape: the general walk copies it, or says why not
+                        pieces.clear()
+                        total = q.chain(head, pieces, False)
+                        if total <= cap:
+                            pos = 0
+                            for v, off, length in pieces:
+                                buf[pos:pos + length] = v[off:off + length]
+                                pos += length
                     q.push(head, 0)
                     if total > cap or total < hdr + 14:
                         self.bad_frames += 1
                         continue
-                    pos = 0
-                    for v, off, length in pieces:
-                        buf[pos:pos + length] = v[off:off + length]
-                        pos += length
                     if not q.enabled:
                         continue
                     if buf[1]:
@@ -166,6 +170,9 @@ class VhostUserTap:
              csum_start: int = 0, csum_offset: int = 0,
              gso_type: int = 0, gso_size: int = 0) -> bool:
         hdr = start - self.hdr_len
+        if self.hdr_len == 12:
+            # num_buffers says 1 here; a frame over several buffers gets its count there
+            _NUM_BUFFERS.pack_into(buf, start - 2, 1)
         if gso_type:
             # header length: up to the end of the TCP header, whose length is in doff
             doff = buf[start + csum_start + 12] >> 4
@@ -224,6 +231,20 @@ class VhostUserTap:
 
     def _write_rx(self, q: Virtqueue, data: memoryview) -> bool | None:
         """Copy `data` into receive buffers: True written, False dropped, None no room."""
+        try:
+            taken = q.fill(data, self.mrg_rxbuf)
+        except RingError as exc:
+            q.fail(exc)
+            return False
+        if taken > 0:
+            q.publish()
+            return True
+        if taken == 0:
+            return None
+        return self._write_rx_any(q, data)
+
+    def _write_rx_any(self, q: Virtqueue, data: memoryview) -> bool | None:
+        """`_write_rx` for buffers of any shape: chains, indirect tables, across regions."""
         need = len(data)
         pieces = self._rx_pieces
         heads = self._rx_heads

@@ -51,6 +51,7 @@ USED_F_NO_NOTIFY = 1
 QUEUE_SIZE_MAX = 32768
 
 _DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
 _fence_lock = _thread.allocate_lock()
 
 Piece = tuple[memoryview, int, int]      # region view, offset, length
@@ -209,6 +210,77 @@ class Virtqueue:
                 return 0
         return self._chain_slow(head, pieces, want)
 
+    def gather(self, head: int, buf: bytearray) -> int:
+        """Copy the device-readable buffer of `head` into `buf`; its length.
+
+        The fast path for what drivers send: a chain of descriptors or one
+        indirect table of them, each descriptor inside one region.  -1 when
+        the buffer is anything else, longer than `buf` or broken: the caller
+        then walks it with `chain()`, which says what is wrong.
+        """
+        dh = self._dh
+        flags = dh[8 * head + 6]
+        spans = self.mem.spans
+        cap = len(buf)
+        pos = 0
+        if flags & DESC_F_INDIRECT:
+            if flags & DESC_F_NEXT or not self.indirect:
+                return -1
+            addr = self._dq[2 * head]
+            length = self._di[4 * head + 2]
+            count = length >> 4
+            if not length or length & 15 or count > self.num:
+                return -1
+            for start, end, view in spans:  # noqa: B007 - used after the break
+                if start <= addr and addr + length <= end:
+                    break
+            else:
+                return -1
+            base = addr - start
+            unpack = _DESC.unpack_from
+            i = 0
+            for _ in range(count):
+                addr, length, flags, nxt = unpack(view, base + 16 * i)
+                if flags & (DESC_F_WRITE | DESC_F_INDIRECT) or pos + length > cap:
+                    return -1
+                for start, end, dview in spans:  # noqa: B007 - used after the break
+                    if start <= addr and addr + length <= end:
+                        break
+                else:
+                    return -1
+                off = addr - start
+                buf[pos:pos + length] = dview[off:off + length]
+                pos += length
+                if not flags & DESC_F_NEXT:
+                    return pos
+                if nxt >= count:
+                    return -1
+                i = nxt
+            return -1
+        dq, di = self._dq, self._di
+        num = self.num
+        i = head
+        for _ in range(num):
+            flags = dh[8 * i + 6]
+            addr = dq[2 * i]
+            length = di[4 * i + 2]
+            if flags & (DESC_F_WRITE | DESC_F_INDIRECT) or pos + length > cap:
+                return -1
+            for start, end, dview in spans:  # noqa: B007 - used after the break
+                if start <= addr and addr + length <= end:
+                    break
+            else:
+                return -1
+            off = addr - start
+            buf[pos:pos + length] = dview[off:off + length]
+            pos += length
+            if not flags & DESC_F_NEXT:
+                return pos
+            i = dh[8 * i + 7]
+            if i >= num:
+                return -1
+        return -1
+
     def _chain_slow(self, head: int, pieces: list[Piece], want: int) -> int:
         dq, di, dh = self._dq, self._di, self._dh
         num = self.num
@@ -281,6 +353,84 @@ class Virtqueue:
         except BadAddress as exc:
             raise RingError(str(exc)) from None
         return length
+
+    def fill(self, data: memoryview, mergeable: bool) -> int:
+        """Copy `data` (header and frame) into the next receive buffers; how many it took.
+
+        The fast path for what drivers offer: single device-writable
+        descriptors, each inside one region.  0: not enough buffers (nothing
+        is taken); -1: a buffer of another shape (chained, indirect, across
+        regions, shorter than the header) is next, and the caller uses
+        `chain()` instead (nothing is taken either).  With `mergeable`, the
+        count goes into the header's num_buffers field in the first buffer.
+
+        Linux carves its receive buffers one after the other out of larger
+        pages and offers them in that order, so a buffer often starts where
+        the previous one ended: such runs are copied at once.
+        """
+        avail = self._avail
+        num = self.num
+        mask = num - 1
+        idx = self.seen = avail[1]
+        last = self.last_avail
+        navail = (idx - last) & 0xFFFF
+        if navail > num:
+            raise RingError(f"available index moved by {navail}, more than the queue size "
+                            f"{num}")
+        dq, di, dh, ui = self._dq, self._di, self._dh, self._used_i
+        spans = self.mem.spans
+        used = self.used_idx
+        need = len(data)
+        pos = 0
+        k = 0
+        run_view = first_view = None
+        run_off = run_len = run_src = run_limit = first_off = 0
+        run_next = -1                   # the guest address that would continue the run
+        while pos < need:
+            if k == navail:
+                return 0
+            if k and not mergeable:
+                return -1
+            head = avail[2 + ((last + k) & mask)]
+            if head >= num:
+                raise RingError(f"head index {head} beyond the queue size {num}")
+            if dh[8 * head + 6] != DESC_F_WRITE:
+                return -1
+            addr = dq[2 * head]
+            length = di[4 * head + 2]
+            n = need - pos
+            if n > length:
+                n = length
+            if addr == run_next and addr + length <= run_limit:
+                run_len += n
+            else:
+                for span in spans:
+                    if span[0] <= addr and addr + length <= span[1]:
+                        start, end, view = span
+                        break
+                else:
+                    return -1
+                if k == 0:
+                    if length < 12:
+                        return -1
+                    first_view, first_off = view, addr - start
+                elif run_len:
+                    run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
+                run_view, run_off, run_src, run_len, run_limit = (view, addr - start, pos, n,
+                                                                  end)
+            run_next = addr + n
+            slot = (used + k) & mask
+            ui[1 + 2 * slot] = head
+            ui[2 + 2 * slot] = n
+            pos += n
+            k += 1
+        if run_len:
+            run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
+        if mergeable and k > 1:
+            _U16.pack_into(first_view, first_off + 10, k)
+        self.last_avail = (last + k) & 0xFFFF
+        self.used_idx = (used + k) & 0xFFFF
+        return k
 
     # ------------------------------------------------------------ used ring
 
