@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""passt mode: the same TCP transfers through our passt and C passt, with the same guest.
+"""passt mode: the same TCP transfers through our passt (stream socket and vhost-user) and C
+passt (stream socket), with the same guest.
 
 The QEMU test guest (integration/guest, TCG, one vCPU) gets its address by
 DHCP, then moves SIZE bytes to and from a server in the "host" namespace
@@ -12,13 +13,16 @@ The server times each transfer (first accepted byte to end of file); a
 sampler reads the passt process's CPU time from /proc/PID/stat every 20 ms,
 so each transfer is charged the CPU passt used while it ran.  Reported per
 implementation (medians over the rounds): throughput, passt's CPU seconds per
-GB moved, and its peak RSS.
+GB moved, and its peak RSS.  "vhost" is our passt with --vhost-user (QEMU's
+-netdev vhost-user, the guest's memory a shared memfd): Debian's C passt
+predates vhost-user, so it only runs over the stream socket.
 
 The guest is emulated, so the throughput is mostly the guest's: what tells
 our implementation apart is the CPU per GB (how much of a core passt needs
 to keep up) at the same throughput.
 
-    integration/bench/passt_bench.py [--size MiB] [--rounds N] [--json FILE] [--only ours|c]
+    integration/bench/passt_bench.py [--size MiB] [--rounds N] [--json FILE]
+                                     [--only ours|vhost|c]
 """
 
 from __future__ import annotations
@@ -40,7 +44,16 @@ sys.path.insert(0, str(REPO))
 from integration.conftest import our_command  # noqa: E402
 from integration.guest import build_guest, default_cache_dir, run_guest  # noqa: E402
 from integration.guest.hostnet import daemon, socket_dir  # noqa: E402
-from integration.test_passt_guest import host_world, in_ns, stream_netdev  # noqa: E402
+from integration.test_passt_guest import (  # noqa: E402
+    GUEST_MEMORY_MB,
+    VHOST_DEVICE_OPTS,
+    host_world,
+    in_ns,
+    stream_netdev,
+    vhost_netdev,
+)
+
+IMPLS = ("ours", "vhost", "c")
 
 UP_PORT, DOWN_PORT = 5101, 5102
 LIMIT = 120                       # seconds for one transfer before it counts as stalled
@@ -141,7 +154,12 @@ def passt_pid(launcher: subprocess.Popen) -> int:
 
 def run_one(impl: str, image, size: int, rounds: int, work: Path) -> dict:
     results = work / f"{impl}.jsonl"
-    cmd_passt = our_command("passt") if impl == "ours" else ["passt"]
+    cmd_passt = ["passt"] if impl == "c" else our_command("passt")
+    if impl == "vhost":
+        cmd_passt.append("--vhost-user")
+        netdev_kw = {"memory_mb": GUEST_MEMORY_MB, "device_opts": VHOST_DEVICE_OPTS}
+    else:
+        netdev_kw = {}
     with host_world() as up, socket_dir() as sdir:
         server = subprocess.Popen(in_ns(up.host_ns, sys.executable, "-c", SERVER, str(size),
                                         str(results), str(UP_PORT), str(DOWN_PORT)),
@@ -157,8 +175,9 @@ def run_one(impl: str, image, size: int, rounds: int, work: Path) -> dict:
                           .replace("@BLOCKS@", str(size // 65536)).replace("@GW@", up.gw4)
                           .replace("@UP@", str(UP_PORT)).replace("@DOWN@", str(DOWN_PORT))
                           .replace("@LIMIT@", str(LIMIT)))
-                result = run_guest(image, stream_netdev(sock), script,
-                                   60 + 2 * rounds * (LIMIT + 5))
+                netdev = vhost_netdev(sock) if impl == "vhost" else stream_netdev(sock)
+                result = run_guest(image, netdev, script, 60 + 2 * rounds * (LIMIT + 5),
+                                   **netdev_kw)
                 sampler.running = False
                 sampler.join()
         finally:
@@ -189,7 +208,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=256, help="MiB per transfer (default 256)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
-    p.add_argument("--only", choices=("ours", "c"))
+    p.add_argument("--only", choices=IMPLS)
     a = p.parse_args()
     if os.geteuid() != 0:
         return print("passt_bench: needs root (network namespaces)", file=sys.stderr) or 1
@@ -197,7 +216,7 @@ def main() -> int:
     size = a.size << 20
     rows = []
     with tempfile.TemporaryDirectory(prefix="passt-bench-") as work:
-        for impl in ("ours", "c"):
+        for impl in IMPLS:
             if a.only and a.only != impl:
                 continue
             rows.append(run_one(impl, image, size, a.rounds, Path(work)))
