@@ -14,7 +14,10 @@ the first guest (no flow, socket or mapping left behind: the host's server
 sees its connection end), and serves the next.  With --one-off, a killed
 QEMU ends passt with status 0.  And libvirt's command line for a vhostuser
 interface with the passt backend, verbatim, serves a guest at MTU 1500, so
-that TCP segmentation offload carries the transfers both ways.
+that TCP segmentation offload carries the transfers both ways.  Finally the
+other way round: passt is killed under a running guest and a new one takes
+its socket; QEMU's chardev reconnects (as libvirt configures it) and the
+guest's network works again.
 """
 
 from __future__ import annotations
@@ -263,3 +266,63 @@ def test_libvirt_vhostuser_command_line_serves_a_guest(guest_image: GuestImage,
             wait_for(lambda: not pid_alive(pid), timeout=10, what="passt to exit")
         finally:
             stop_pid(pid)
+
+
+# the network before and after passt is replaced under a running guest
+RECONNECT = r"""
+udhcpc -i eth0 -n -q >/dev/null 2>&1 || exit 10
+ping -c 1 -W 5 @GW4@ >/dev/null 2>&1; echo "PING-BEFORE=$?"
+echo PASST-CAN-GO > /dev/ttyS0
+n=0
+until ping -c 1 -W 1 @GW4@ >/dev/null 2>&1; do
+    n=$((n+1)); [ $n -gt 60 ] && break
+done
+echo "PING-AFTER-TRIES=$n"
+echo "TCP-DOWN=$(timeout 60 nc @GW4@ 5002 < /dev/null | sha256sum | cut -d' ' -f1)"
+"""
+
+
+@pytest.mark.qemu
+def test_qemu_reconnects_to_a_new_passt(guest_image: GuestImage, tmp_path: Path) -> None:
+    """passt dies under a running guest; QEMU's chardev reconnects to the next one."""
+    with ExitStack() as stack:
+        up = stack.enter_context(host_world())
+        sdir = stack.enter_context(socket_dir())
+        stack.enter_context(services(up, tmp_path / "results.jsonl",
+                                     tmp_path / "services.log"))
+        sock = sdir / "vhost.socket"
+        cmd = [*up.exec_prefix(), *our_command("passt"), "-f", "-d", "--vhost-user",
+               "-s", str(sock)]
+        first = stack.enter_context(daemon(cmd, tmp_path / "passt1.log", ready=sock))
+        replaced: dict = {}
+
+        def replace_passt(proc: subprocess.Popen) -> None:
+            console = next(a[5:] for a in proc.args if str(a).startswith("file:"))
+
+            def watch() -> None:
+                end = time.monotonic() + BOOT_TIMEOUT
+                while proc.poll() is None and time.monotonic() < end:
+                    if "PASST-CAN-GO" in Path(console).read_text(errors="replace"):
+                        os.kill(first.pid, signal.SIGKILL)
+                        first.wait()
+                        replaced["second"] = stack.enter_context(
+                            daemon(cmd, tmp_path / "passt2.log", ready=sock))
+                        return
+                    time.sleep(0.05)
+
+            threading.Thread(target=watch, daemon=True).start()
+
+        netdev = vhost_netdev(sock)
+        netdev[1] += ",reconnect=1"
+        result = run_guest(guest_image, netdev, RECONNECT.replace("@GW4@", up.gw4),
+                           BOOT_TIMEOUT, memory_mb=GUEST_MEMORY_MB,
+                           device_opts=VHOST_DEVICE_OPTS, on_start=replace_passt)
+        v = values(result.console)
+        logs = "".join(f"\n--- {p.name} ---\n{p.read_text(errors='replace')[-2000:]}"
+                       for p in sorted(tmp_path.glob("passt*.log")))
+        why = f"{result.console[-3000:]}{logs}\n--- qemu ---\n{result.qemu_stderr[-1000:]}"
+        assert "second" in replaced, why
+        assert result.exit_code == 0 and v.get("PING-BEFORE") == "0", why
+        assert int(v.get("PING-AFTER-TRIES", "99")) <= 60, why
+        assert v.get("TCP-DOWN") == EXPECTED_SHA, why
+        assert "vhost-user front-end connected" in (tmp_path / "passt2.log").read_text(), why
