@@ -160,7 +160,7 @@ def ephemeral_range(path: str = EPHEMERAL_PATH) -> tuple[int, int]:
 # ---------------------------------------------------------------- parsing
 
 
-def _show(text: str, limit: int = 40) -> str:
+def show(text: str, limit: int = 40) -> str:
     """`text` fit for a one-line message: printable, not too long."""
     shown = text if text.isprintable() else repr(text)
     return shown if len(shown) <= limit else shown[:limit - 3] + "..."
@@ -175,9 +175,9 @@ def _port(text: str, what: str) -> int:
     if not text:
         raise ValueError(f"missing {what}")
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"invalid {what} '{_show(text)}'")
+        raise ValueError(f"invalid {what} '{show(text)}'")
     if len(text.lstrip("0")) > 5 or int(text) > PORT_MAX:
-        raise ValueError(f"{what} {_show(text, 12)} out of range (1-{PORT_MAX})")
+        raise ValueError(f"{what} {show(text, 12)} out of range (1-{PORT_MAX})")
     if int(text) == 0:
         raise ValueError(f"{what} 0 is not allowed")
     return int(text)
@@ -207,13 +207,13 @@ def _address(text: str) -> Address | None:
 
 def _ifname(name: str, whole: str) -> str:
     if not name:
-        raise ValueError(f"empty interface name in '{_show(whole)}'")
+        raise ValueError(f"empty interface name in '{show(whole)}'")
     if len(name.encode()) >= IFNAMSIZ:
-        raise ValueError(f"interface name '{_show(name)}' too long "
+        raise ValueError(f"interface name '{show(name)}' too long "
                          f"(at most {IFNAMSIZ - 1} bytes)")
     if name in (".", "..") or any(c in "/:%" or c.isspace() or not c.isprintable()
                                   for c in name):
-        raise ValueError(f"invalid interface name '{_show(name)}'")
+        raise ValueError(f"invalid interface name '{show(name)}'")
     return name
 
 
@@ -230,7 +230,7 @@ def _listen_part(head: str) -> tuple[Address | None, str | None]:
         return None, name
     addr = _address(addr_text)
     if addr is None:
-        raise ValueError(f"invalid address '{_show(addr_text)}'")
+        raise ValueError(f"invalid address '{show(addr_text)}'")
     return addr, name
 
 
@@ -241,7 +241,7 @@ def _target(text: str, src: tuple[int, int]) -> tuple[int, Address | None]:
     if slash:
         to_addr = _address(addr_text)
         if to_addr is None:
-            raise ValueError(f"invalid target address '{_show(addr_text)}'")
+            raise ValueError(f"invalid target address '{show(addr_text)}'")
     else:
         to_addr = _address(text)
         if to_addr is not None:
@@ -307,10 +307,10 @@ def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
             if item != "all":
                 all_to = _address(item[4:])
                 if all_to is None:
-                    raise ValueError(f"invalid target address '{_show(item[4:])}'")
+                    raise ValueError(f"invalid target address '{show(item[4:])}'")
         elif item.startswith("~"):
             if ":" in item:
-                raise ValueError(f"exclusion '{_show(item)}' cannot have a target")
+                raise ValueError(f"exclusion '{show(item)}' cannot have a target")
             first, last = _range(item[1:], "port")
             clash = excluded.intersection(range(first, last + 1))
             if clash:
@@ -443,11 +443,11 @@ def parse_forward(specs: Sequence[str], *, mode: str, proto: str,
             new = parse_rules(text, mode=mode, families=families, ephemeral=want_eph,
                               ns_side=ns_side)
         except ValueError as e:
-            raise SpecError(f"{label} {_show(text)}: {e}") from None
+            raise SpecError(f"{label} {show(text)}: {e}") from None
         try:
             rules = add_rules(rules, new)
         except SpecError as e:
-            raise SpecError(f"{label} {_show(text)}: {e}") from None
+            raise SpecError(f"{label} {show(text)}: {e}") from None
     return ForwardSpec(rules=tuple(rules), text=tuple(t.strip() for t in texts))
 
 

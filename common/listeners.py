@@ -73,6 +73,26 @@ class _Entry:
         self.to_port, self.to_addr, self.socks = to_port, to_addr, socks
 
 
+class _Pending:
+    """A table change whose new sockets are bound: commit() or abort() it."""
+
+    def __init__(self, forwarder: PortForwarder, rules: tuple[Rule, ...],
+                 want: dict) -> None:
+        self.forwarder = forwarder
+        self.rules = rules
+        self.want = want
+        self.opened: dict[Key, _Entry] = {}
+
+    def commit(self) -> None:
+        self.forwarder._commit(self)        # noqa: SLF001 - its own helper
+
+    def abort(self) -> None:
+        for e in self.opened.values():
+            for b in e.socks:
+                b.close()
+        self.opened.clear()
+
+
 class PortForwarder:
     def __init__(self, loop: Loop, spec: ForwardSpec, name: str, *,
                  families: tuple[int, ...], loopback_only: bool,
@@ -116,22 +136,28 @@ class PortForwarder:
 
     def start(self) -> None:
         """Bind the table given at start-up; BindError if it cannot be."""
+        self._applied = set()
         self.apply(self.rules)
 
     def apply(self, rules: Sequence[Rule]) -> None:
         """Make `rules` the table: all or nothing (BindError leaves it as it was)."""
-        if any(r.scan for r in rules) and self.scan is None:
-            raise BindError(f"{self.name}: 'auto' needs a port scan, which we have not here")
-        if any(r.scan for r in rules) and not self.scanned:
-            self._rescan_only()
-        self._sync(tuple(rules), new_rules=[r for r in rules if r not in self._applied],
-                   strict=True)
-        self._applied = set(rules)
-        self._set_timer()
+        self.prepare(rules).commit()
+
+    def prepare(self, rules: Sequence[Rule]) -> _Pending:
+        """Bind what `rules` add, nothing else yet; BindError (having closed what it
+        opened) if an exact port, or every port of a best-effort rule, fails.
+        The caller then commits or aborts (several tables change together)."""
+        rules = tuple(rules)
+        if any(r.scan for r in rules):
+            if self.scan is None:
+                raise BindError(f"{self.name}: 'auto' needs a port scan, not available here")
+            if not any(r.scan for r in self.rules) or not self.scanned:
+                self._rescan_only()
+        return self._prepare(rules, strict=True)
 
     def rescan(self) -> None:
         self._rescan_only()
-        self._sync(self.rules, new_rules=[], strict=False)
+        self._prepare(self.rules, strict=False).commit()
 
     def _rescan_only(self) -> None:
         if self.scan is None:
@@ -160,35 +186,36 @@ class PortForwarder:
                 want[(rule.addr, rule.ifname, port)] = (rule.target(port), to_addr, rule)
         return want
 
-    def _sync(self, rules: tuple[Rule, ...], *, new_rules: list[Rule], strict: bool) -> None:
+    def _prepare(self, rules: tuple[Rule, ...], *, strict: bool) -> _Pending:
         want = self._wanted(rules)
-        opened: dict[Key, _Entry] = {}
-
-        def give_up(message: str) -> None:
-            for e in opened.values():
-                for b in e.socks:
-                    b.close()
-            raise BindError(message)
-
-        fresh = set(new_rules)
+        pending = _Pending(self, rules, want)
+        fresh = {r for r in rules if r not in self._applied}
         for key, (to_port, to_addr, rule) in want.items():
             if key in self.entries:
                 continue
             try:
-                opened[key] = _Entry(to_port, to_addr, self._open(key, to_port, to_addr))
+                pending.opened[key] = _Entry(to_port, to_addr,
+                                             self._open(key, to_port, to_addr))
             except OSError as exc:
                 if strict and rule in fresh and not rule.weak and not rule.scan:
+                    pending.abort()
                     where = "" if key[0] is None else f" on {key[0]}"
                     where += f"%{key[1]}" if key[1] else ""
-                    give_up(f"cannot bind {self.name} port {key[2]}{where}: "
-                            f"{exc.strerror or exc}")
+                    raise BindError(f"cannot bind {self.name} port {key[2]}{where}: "
+                                    f"{exc.strerror or exc}") from None
                 log.debug("%s: cannot bind port %d: %s", self.name, key[2], exc)
         if strict:
-            for rule in new_rules:
+            for rule in fresh:
+                keys = ((rule.addr, rule.ifname, p) for p in rule.ports)
                 if rule.weak and not rule.scan and not any(
-                        (rule.addr, rule.ifname, p) in opened for p in rule.ports):
-                    give_up(f"failed to bind any port for {self.name} {rule}")
-        # commit: close what is no longer forwarded, retarget what changed
+                        k in pending.opened or k in self.entries for k in keys):
+                    pending.abort()
+                    raise BindError(f"failed to bind any port for {self.name} {rule}")
+        return pending
+
+    def _commit(self, pending: _Pending) -> None:
+        """Close what is no longer forwarded, retarget what changed, keep what opened."""
+        want = pending.want
         for key in list(self.entries):
             entry = self.entries[key]
             if key not in want:
@@ -200,8 +227,10 @@ class PortForwarder:
                 entry.to_port, entry.to_addr = to_port, to_addr
                 for b in entry.socks:
                     b.to_port, b.to_addr = to_port, to_addr
-        self.entries.update(opened)
-        self.rules = rules
+        self.entries.update(pending.opened)
+        self.rules = pending.rules
+        self._applied = set(pending.rules)
+        self._set_timer()
 
     def _addresses(self, addr) -> list[tuple[int, str]]:
         if addr is not None:

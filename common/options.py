@@ -87,6 +87,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("log_size", ("--log-size",), "value", "Maximum log file size, bytes", metavar="SIZE"),
     Opt("runas", ("--runas",), "value", "Run as UID[:GID] (default: nobody if started as root)",
         metavar="UID[:GID]"),
+    Opt("conf_path", ("-c", "--conf-path"), "value",
+        "Control socket for run-time forwarding changes (pesto(1))", metavar="PATH"),
     Opt("chroot_fallback", ("--chroot-fallback",), "flag",
         "If an empty root can't be made with pivot_root, fall back to chroot"),
     Opt("pcap", ("-p", "--pcap"), "value", "Capture guest-side frames to FILE (pcap)",
@@ -204,12 +206,15 @@ USAGE = {
     "pasta": ("[OPTION]... [COMMAND] [ARGS]...", "[OPTION]... PID",
               "[OPTION]... --netns PATH|NAME"),
     "passt": ("[OPTION]...",),
+    "pesto": ("[OPTION]... PATH",),
 }
 SUMMARY = {
     "pasta": "Unprivileged user-mode networking for network namespaces.\n"
              "Without PID or --netns, run COMMAND (default: a shell) in a new user and\n"
              "network namespace connected by pasta.",
     "passt": "Unprivileged user-mode networking for virtual machines.",
+    "pesto": "Show and change the port forwarding of a running pasta or passt, through\n"
+             "the control socket PATH it made for -c PATH.",
 }
 
 

@@ -27,8 +27,9 @@ import signal
 import socket
 import stat
 
-from common import isolation
+from common import flowinfo, isolation
 from common.conf import Config
+from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
 from common.guest import GuestState
 from common.listeners import BindError
@@ -81,6 +82,7 @@ class Session:
         self.tap: StreamTap | None = None
         self.dataplane: DataPlane | None = None
         self.forwarding: PasstForwarding | None = None
+        self.control: ControlServer | None = None
         self.guests = 0
         self._adopted: socket.socket | None = None
 
@@ -114,6 +116,35 @@ class Session:
             self.forwarding.start()
         except BindError as exc:
             raise SetupError(str(exc)) from None
+        self._open_control()
+
+    def _open_control(self) -> None:
+        """-c PATH: the control socket (pesto), with -t/-u and the current guest's flows."""
+        fw = self.forwarding
+        assert fw is not None
+
+        def flows():
+            dp = self.dataplane
+            if dp is None:
+                return
+            if dp.tcp:
+                yield from flowinfo.tcp_flows(dp.tcp)
+            if dp.udp:
+                yield from flowinfo.datagram_flows(dp.udp)
+            if dp.icmp:
+                yield from flowinfo.datagram_flows(dp.icmp, "icmp")
+
+        families = tuple(v for v, c in ((4, self.conf.ip4), (6, self.conf.ip6))
+                         if c is not None) or (4, 6)
+        try:
+            self.control = open_control(self.loop, self.conf.process.control, mode="passt",
+                                        forwarders={"-t": fw.tcp_in, "-u": fw.udp_in},
+                                        services=self.conf.services, families=families,
+                                        flows=flows)
+        except ControlError as exc:
+            raise SetupError(str(exc)) from None
+        if self.control is not None:
+            self.control.give_to(self.owner)
 
     def handle_signals(self) -> None:
         """Stop cleanly on SIGTERM, SIGINT and SIGHUP (main thread only)."""
@@ -194,6 +225,9 @@ class Session:
         return self.loop.run()
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.forwarding is not None:
             self.forwarding.close()
             self.forwarding = None

@@ -20,8 +20,9 @@ import signal
 import time
 from typing import Any
 
-from common import isolation
+from common import flowinfo, isolation
 from common.conf import Config, format_mac, parse_mac
+from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
 from common.helper import Helper
 from common.listeners import BindError
@@ -54,6 +55,7 @@ class Session:
         self.pcap: Pcap | None = None
         self.dataplane: DataPlane | None = None
         self.forwarding: PastaForwarding | None = None
+        self.control: ControlServer | None = None
         self.exit_code = 0
         self._watches: list[object] = []
         self._netns_watch: NetnsFileWatch | None = None
@@ -78,9 +80,31 @@ class Session:
             self.forwarding.start()
         except BindError as exc:
             raise SetupError(str(exc)) from None
+        self._open_control()
         self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
         self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
         self.loop.on_signal(signal.SIGHUP, self._on_stop_signal)
+
+    def _open_control(self) -> None:
+        """-c PATH: the control socket (pesto), with every table and the live flows."""
+        fw, dp = self.forwarding, self.dataplane
+        assert fw is not None
+        flows = flowinfo.chain(
+            (lambda: flowinfo.tcp_flows(dp.tcp)) if dp and dp.tcp else None,
+            (lambda: flowinfo.datagram_flows(dp.udp)) if dp and dp.udp else None,
+            (lambda: flowinfo.datagram_flows(dp.icmp, "icmp")) if dp and dp.icmp else None,
+            lambda: flowinfo.splice_flows(fw.splicer),
+            lambda: flowinfo.udp_splice_flows(fw.udp_splicer))
+        families = tuple(v for v, c in ((4, self.conf.ip4), (6, self.conf.ip6))
+                         if c is not None) or (4, 6)
+        try:
+            self.control = open_control(
+                self.loop, self.conf.process.control, mode="pasta",
+                forwarders={"-t": fw.tcp_in, "-u": fw.udp_in, "-T": fw.tcp_out,
+                            "-U": fw.udp_out},
+                services=self.conf.services, families=families, flows=flows)
+        except ControlError as exc:
+            raise SetupError(str(exc)) from None
 
     def _setup_splice_only(self) -> None:
         """--splice-only: no tap; lo up in the namespace, loopback forwarding only."""
@@ -120,6 +144,8 @@ class Session:
         self.loop.stop(0)
 
     def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
+        if self.control is not None:
+            self.control.give_to(run_as)
         try:
             isolation.switch_user(run_as)
         except OSError as exc:
@@ -177,6 +203,9 @@ class Session:
         return self.loop.run()
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.forwarding is not None:
             self.forwarding.close()
             self.forwarding = None

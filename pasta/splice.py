@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -65,11 +66,13 @@ class _Dir:
 
 
 class SpliceConn:
-    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes")
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes", "inbound", "opened")
 
-    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+    def __init__(self, a: socket.socket, b: socket.socket, inbound: bool = True) -> None:
         self.a = a
         self.b = b
+        self.inbound = inbound     # a is the host's client (-t), else the namespace's (-T)
+        self.opened = time.monotonic()
         self.connecting = True
         self.closed = False
         self.pipes: list[int] = []
@@ -130,7 +133,7 @@ class Splicer:
             log.debug("splice: no namespace socket: %s", exc)
             self._refuse(sock)
             return
-        self._start(sock, peer, (dest, to_port))
+        self._start(sock, peer, (dest, to_port), inbound=True)
 
     def from_ns(self, sock: socket.socket, to_port: int, v6: bool) -> None:
         """A namespace loopback client on a -T port: connect to the host's loopback."""
@@ -142,7 +145,7 @@ class Splicer:
             log.debug("splice: no host socket: %s", exc)
             self._refuse(sock)
             return
-        self._start(sock, peer, (LOOPBACK[v6], to_port))
+        self._start(sock, peer, (LOOPBACK[v6], to_port), inbound=False)
 
     def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
                     v6: bool, to_addr: bytes | None = None) -> None:
@@ -155,7 +158,8 @@ class Splicer:
         self.counters["refused"] += 1
         _abort_sock(sock)
 
-    def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int]) -> None:
+    def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int],
+               inbound: bool = True) -> None:
         if len(self.conns) >= MAX_CONNS:
             b.close()
             self._refuse(a)
@@ -168,7 +172,7 @@ class Splicer:
             b.close()
             self._refuse(a)
             return
-        c = SpliceConn(a, b)
+        c = SpliceConn(a, b, inbound)
         self.conns.add(c)
         self.loop.add(b.fileno(), EVENTS, partial(self._event_b, c))
         err = b.connect_ex(dest)

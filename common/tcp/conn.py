@@ -70,6 +70,7 @@ one enum.  Transitions (event -> flags set):
 from __future__ import annotations
 
 import socket
+import time
 
 from common.flowheader import FlowHeader
 
@@ -109,7 +110,7 @@ class TcpConn:
         "snd_una", "snd_nxt", "snd_max", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
         "recover",
         "dup_acks", "last_ack", "rto", "rto_at", "retries",
-        "deadline", "last_activity", "sock_event",
+        "deadline", "last_activity", "sock_event", "opened",
     )
 
     def __init__(self, key: bytes, sock: socket.socket, flow: FlowHeader, inbound: bool) -> None:
@@ -138,6 +139,7 @@ class TcpConn:
         self.deadline = 0.0       # handshake/close deadline, 0: none
         self.last_activity = 0.0
         self.sock_event = None    # the loop callback for our socket
+        self.opened = time.monotonic()   # for `pesto --flows`
 
     def in_flight(self) -> int:
         """Bytes (and FIN) sent to the guest and not yet acknowledged."""

@@ -30,10 +30,13 @@ from typing import Generic, TypeVar
 
 class Flow:
     """What the table needs of an entry; handlers subclass it with their own slots."""
-    __slots__ = ("key", "last", "replied", "closed")
+    __slots__ = ("key", "last", "replied", "closed", "opened", "bytes_up", "bytes_down")
 
     def __init__(self, key: bytes | tuple, now: float) -> None:
         self.key = key
+        self.opened = now        # for `pesto --flows`
+        self.bytes_up = 0        # payload bytes from the guest (counted where cheap)
+        self.bytes_down = 0      # payload bytes towards the guest
         self.last = now          # time of the last datagram, either way
         self.replied = False     # traffic has gone both ways
         self.closed = False

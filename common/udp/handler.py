@@ -221,6 +221,7 @@ class UdpHandler:
                     flow.sock.sendto(data, flow.peer)
                     if not flow.replied:
                         self.table.mark_replied(flow)
+                flow.bytes_up += len(data)
                 return
             except BlockingIOError:
                 self.counters["sock_full"] += 1
@@ -337,6 +338,8 @@ class UdpHandler:
                 continue
             if not send(hdr, n):
                 self.counters["tap_drop"] += 1
+            else:
+                flow.bytes_down += n
         if got:
             self.table.reply_seen(flow, time.monotonic())
 
@@ -388,6 +391,8 @@ class UdpHandler:
             flow.last = now
             if not send(flow.hdr, n):
                 self.counters["tap_drop"] += 1
+            else:
+                flow.bytes_down += n
 
     def _open_inbound(self, listener: UdpListener, addr: tuple, now: float) -> UdpFlow | None:
         v6 = listener.v6
