@@ -137,9 +137,12 @@ def test_dhcpv6_lease_with_dhclient(topo, procs, pasta, tmp_path):
     # -1: one try, exit on failure; once bound it goes to the background (stopped below)
     r = run(target.cmd("dhclient", "-6", "-1", "-v", "-lf", str(leases), "-pf", str(pidfile),
                        "-sf", str(script), "eth0"), check=False, timeout=30)
-    if pidfile.exists():
-        procs.adopt(int(pidfile.read_text()))
     text = leases.read_text() if leases.exists() else ""
+    if "iaaddr" in text:
+        # bound: its background child writes the pid file a moment after the parent exits
+        pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip().isdigit()
+                       and int(pidfile.read_text()), timeout=5, what="dhclient's pid file")
+        procs.adopt(pid)
     assert f"iaaddr {HOST6}" in text, r.stdout + r.stderr + text
     env = (tmp_path / "env.BOUND6").read_text()
     assert f"new_ip6_address={HOST6}" in env
