@@ -432,8 +432,10 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         search=search,
         hostname=opts.get("hostname"),
         fqdn=opts.get("fqdn"),
-        offer_dns=not opts.get("no_dhcp_dns"),
-        offer_search=not opts.get("no_dhcp_search"),
+        # pasta: the namespace keeps its own resolv.conf unless asked; passt: offered
+        offer_dns=bool(opts.get("dhcp_dns")) if mode == "pasta" else not opts.get("no_dhcp_dns"),
+        offer_search=(bool(opts.get("dhcp_search")) if mode == "pasta"
+                      else not opts.get("no_dhcp_search")),
         services=services,
         tcp_in=fwd.get("tcp_in", FWD_NONE), udp_in=fwd.get("udp_in", FWD_NONE),
         tcp_out=fwd.get("tcp_out", FWD_NONE), udp_out=fwd.get("udp_out", FWD_NONE),

@@ -125,10 +125,14 @@ OPTIONS: tuple[Opt, ...] = (
         "Guest-side address whose DNS queries go to the host's resolver", metavar="ADDR"),
     Opt("dns_host", ("--dns-host",), "multi", "Host resolver for forwarded DNS queries",
         metavar="ADDR"),
-    Opt("no_dhcp_dns", ("--no-dhcp-dns",), "flag", "Don't offer DNS resolvers"),
-    Opt("no_dhcp_search", ("--no-dhcp-search",), "flag", "Don't offer the search list"),
-    Opt("dhcp_dns", ("--dhcp-dns",), "flag", "Offer DNS resolvers (the default)"),
-    Opt("dhcp_search", ("--dhcp-search",), "flag", "Offer the search list (the default)"),
+    # offered by default in passt, only when asked for in pasta (as C passt/pasta)
+    Opt("no_dhcp_dns", ("--no-dhcp-dns",), "flag",
+        "Don't offer DNS resolvers (DHCP, DHCPv6, NDP)", PASST),
+    Opt("no_dhcp_search", ("--no-dhcp-search",), "flag",
+        "Don't offer the search list (DHCP, DHCPv6, NDP)", PASST),
+    Opt("dhcp_dns", ("--dhcp-dns",), "flag", "Offer DNS resolvers (DHCP, DHCPv6, NDP)", PASTA),
+    Opt("dhcp_search", ("--dhcp-search",), "flag", "Offer the search list (DHCP, DHCPv6, NDP)",
+        PASTA),
     # services
     Opt("no_tcp", ("--no-tcp",), "flag", "Disable TCP"),
     Opt("no_udp", ("--no-udp",), "flag", "Disable UDP"),
@@ -192,8 +196,6 @@ OPTIONS: tuple[Opt, ...] = (
 CLEARS = {
     "ipv4_only": ("ipv6_only",), "ipv6_only": ("ipv4_only",),
     "debug": ("quiet",), "trace": ("quiet",), "quiet": ("debug", "trace"),
-    "dhcp_dns": ("no_dhcp_dns",), "no_dhcp_dns": ("dhcp_dns",),
-    "dhcp_search": ("no_dhcp_search",), "no_dhcp_search": ("dhcp_search",),
     "map_gw": ("no_map_gw",), "no_map_gw": ("map_gw",),
     "netns_only": ("userns",), "userns": ("netns_only",),
 }

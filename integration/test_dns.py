@@ -165,6 +165,6 @@ def test_dhcp_offers_the_forward_address(topo, procs, pasta, tmp_path, resolvers
     from integration.test_pasta_autoconf import start_pasta as start_unconfigured
     from integration.test_pasta_autoconf import udhcpc
 
-    target, _ = start_unconfigured(topo, procs, pasta, "--dns-forward", FWD4)
+    target, _ = start_unconfigured(topo, procs, pasta, "--dhcp-dns", "--dns-forward", FWD4)
     lease = udhcpc(target, tmp_path)
     assert lease["dns"].split() == [FWD4]

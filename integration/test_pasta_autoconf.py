@@ -61,26 +61,29 @@ def udhcpc(target, tmp_path: Path) -> dict[str, str]:
 
 
 def test_dhcp_defaults(topo, procs, pasta, tmp_path):
+    """No resolvers and no search list unless asked: the namespace keeps its own
+    resolv.conf (as C pasta; podman writes one)."""
     target, _ = start_pasta(topo, procs, pasta)
     lease = udhcpc(target, tmp_path)
     assert lease["ip"] == HOST4
     assert lease["subnet"] == "255.255.255.0"
     assert lease["router"] == GW4
-    assert lease["dns"].split() == [DNS4]
-    assert lease["search"].split() == list(SEARCH)
+    assert lease["dns"] == "" and lease["search"] == ""
     assert lease["mtu"] == "65520"
     assert lease["serverid"] == GW4
 
 
-def test_dhcp_no_dns(topo, procs, pasta, tmp_path):
-    target, _ = start_pasta(topo, procs, pasta, "--no-dhcp-dns", "--no-dhcp-search")
+def test_dhcp_dns_and_search_when_asked(topo, procs, pasta, tmp_path):
+    target, _ = start_pasta(topo, procs, pasta, "--dhcp-dns", "--dhcp-search")
     lease = udhcpc(target, tmp_path)
     assert lease["ip"] == HOST4
-    assert lease["dns"] == "" and lease["search"] == ""
+    assert lease["dns"].split() == [DNS4]
+    assert lease["search"].split() == list(SEARCH)
 
 
 def test_dhcp_dns_and_search_options(topo, procs, pasta, tmp_path):
-    target, _ = start_pasta(topo, procs, pasta, "-D", "10.77.0.99", "-D", "10.77.0.98",
+    target, _ = start_pasta(topo, procs, pasta, "--dhcp-dns", "--dhcp-search",
+                            "-D", "10.77.0.99", "-D", "10.77.0.98",
                             "-S", "one.test two.test", "-m", "1500", "-H", "guesthost")
     lease = udhcpc(target, tmp_path)
     assert lease["dns"].split() == ["10.77.0.99", "10.77.0.98"]
@@ -99,7 +102,8 @@ def test_dhcp_address_netmask_gateway(topo, procs, pasta, tmp_path):
 
 
 def test_dhcp_none_dns(topo, procs, pasta, tmp_path):
-    target, _ = start_pasta(topo, procs, pasta, "-D", "none", "-S", "none")
+    target, _ = start_pasta(topo, procs, pasta, "--dhcp-dns", "--dhcp-search",
+                            "-D", "none", "-S", "none")
     lease = udhcpc(target, tmp_path)
     assert lease["dns"] == "" and lease["search"] == ""
 
@@ -122,8 +126,10 @@ def test_slaac_and_default_route(topo, procs, pasta):
     assert routes and routes[0]["gateway"] == our_ll
 
 
-def test_dhcpv6_lease_with_dhclient(topo, procs, pasta, tmp_path):
-    target, _ = start_pasta(topo, procs, pasta)
+@pytest.mark.parametrize("asked", [False, True], ids=["default", "dhcp-dns"])
+def test_dhcpv6_lease_with_dhclient(topo, procs, pasta, tmp_path, asked):
+    extra = ("--dhcp-dns", "--dhcp-search") if asked else ()
+    target, _ = start_pasta(topo, procs, pasta, *extra)
     # dhclient needs a usable link-local address first
     wait_for(lambda: "tentative" not in target.run("ip", "-6", "addr", "show", "dev", "eth0",
                                                      "scope", "link").stdout
@@ -146,8 +152,7 @@ def test_dhcpv6_lease_with_dhclient(topo, procs, pasta, tmp_path):
     assert f"iaaddr {HOST6}" in text, r.stdout + r.stderr + text
     env = (tmp_path / "env.BOUND6").read_text()
     assert f"new_ip6_address={HOST6}" in env
-    assert DNS6 in env
-    assert SEARCH[0] in env
+    assert (DNS6 in env) is asked and (SEARCH[0] in env) is asked, env
 
 
 def test_pcap_of_dhcp_decodes(topo, procs, pasta, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from common.conf import ConfigError, build_config
 from common.fwd import forward_config
 from common.hostinfo import FamilyInfo, HostInfo, HostRoute
-from common.options import parse_args
+from common.options import UsageError, parse_args
 
 HOST = HostInfo(
     v4=FamilyInfo("eth0", "192.0.2.1", (("192.0.2.10", 24),),
@@ -128,3 +128,31 @@ def test_local_mode_router_advertisement_has_no_prefix():
         kinds.append(body[0])
         body = body[body[1] * 8:]
     assert 3 not in kinds and 1 in kinds        # no prefix information, a source link-layer
+
+
+@pytest.mark.parametrize("mode, argv, dns, search", [
+    # pasta: the namespace keeps its own resolv.conf unless asked (as C pasta)
+    ("pasta", (), False, False),
+    ("pasta", ("--dhcp-dns",), True, False),
+    ("pasta", ("--dhcp-search",), False, True),
+    ("pasta", ("--dhcp-dns", "--dhcp-search", "-D", "192.0.2.99"), True, True),
+    ("pasta", ("-D", "192.0.2.99", "-S", "x.test"), False, False),
+    # passt: offered unless refused
+    ("passt", (), True, True),
+    ("passt", ("--no-dhcp-dns",), False, True),
+    ("passt", ("--no-dhcp-search",), True, False),
+])
+def test_dns_and_search_offered_per_mode(mode, argv, dns, search):
+    c = conf(mode, *argv, host=HostInfo(v4=HOST.v4, v6=HOST.v6, macs=HOST.macs,
+                                        nameservers=("192.0.2.53",), search=("a.test",)))
+    assert (c.offer_dns, c.offer_search) == (dns, search)
+
+
+@pytest.mark.parametrize("mode, option", [
+    ("pasta", "--no-dhcp-dns"), ("pasta", "--no-dhcp-search"),
+    ("passt", "--dhcp-dns"), ("passt", "--dhcp-search"),
+])
+def test_dns_offer_options_of_the_other_mode_are_refused(mode, option):
+    other = "passt" if mode == "pasta" else "pasta"
+    with pytest.raises(UsageError, match=f"^{option} is for {other} mode only$"):
+        parse_args(mode, [option])
