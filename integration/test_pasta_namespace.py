@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -304,3 +306,38 @@ def test_userns_and_netns_paths(topo, pasta, procs, test_user):
         "--netns", f"/proc/{sleeper.pid}/ns/net"])))
     wait_for(lambda: _configured(["nsenter", "-t", str(sleeper.pid), "-n"]), what="configured")
     assert p.poll() is None
+
+
+def _ignore_and_block_everything() -> None:
+    """A caller that ignores and blocks every signal it can (not SIGCHLD: pasta
+    must be able to reap), so that whatever the command gets comes from pasta."""
+    every = set(signal.valid_signals())
+    for sig in every - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, every)
+
+
+def _signal_masks(status: str) -> dict[str, int]:
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines()
+                                       if line.startswith(("SigBlk", "SigIgn")))}
+
+
+@pytest.mark.parametrize("how", ["command", "default shell"])
+def test_command_starts_with_every_signal_default(topo, pasta, tmp_path, how):
+    """As a shell starts a command: no signal ignored or blocked, checked over every
+    signal number (the whole masks), whatever the caller left to pasta.  (Caught
+    ones are reset by exec; grep catches SIGSEGV itself.)"""
+    env = dict(os.environ)
+    if how == "command":
+        argv = [*pasta, "--config-net", "--", "grep", "-h", "^Sig", "/proc/self/status"]
+    else:
+        shell = tmp_path / "shell"
+        shell.write_text("#!/usr/bin/env -S grep -h ^Sig /proc/self/status\n")
+        shell.chmod(0o755)
+        env["SHELL"] = str(shell)
+        argv = [*pasta, "--config-net"]
+    r = subprocess.run(topo.host.cmd(*argv), capture_output=True, text=True, timeout=30,
+                       env=env, preexec_fn=_ignore_and_block_everything)
+    assert r.returncode == 0, r.stderr
+    masks = _signal_masks(r.stdout)
+    assert masks == {"SigBlk": 0, "SigIgn": 0}, r.stdout

@@ -144,6 +144,20 @@ def join_userns(target: Target) -> None:
         raise NamespaceError(f"cannot join the user namespace: {exc.strerror}") from None
 
 
+def default_signals() -> None:
+    """Every signal at its default disposition and none blocked, as a shell starts a
+    command: exec keeps what is ignored and blocked (Python ignores SIGPIPE and
+    SIGXFSZ, a caller may ignore or block more), and the command must not inherit it."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):     # reserved by the C library
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 class SpawnedCommand:
     """A child in new user and network namespaces, held back until `go()`."""
 
@@ -191,9 +205,7 @@ class SpawnedCommand:
             if os.read(go_r, 1) != b"1":     # pasta failed: never run the command
                 os._exit(1)
             os.close(go_r)
-            for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGPIPE,
-                        signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
+            default_signals()
             try:
                 os.execvp(argv[0], argv)
             except OSError as exc:
