@@ -14,6 +14,7 @@ import os
 import sys
 
 from common.conf import LogConfig
+from common.files import open_for_write
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -21,13 +22,16 @@ TRACE_ON = False
 
 
 class CappedFileHandler(logging.Handler):
-    """Append to a file; past `limit` bytes, drop the oldest half of it."""
+    """Append to a file; past `limit` bytes, drop the oldest half of it.
+
+    Everything goes through the descriptor opened at start-up, the shrinking
+    too: by then we may be nobody, who could not open the file again."""
 
     def __init__(self, path: str, limit: int) -> None:
         super().__init__()
         self.path = path
         self.limit = limit
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.fd = open_for_write(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "log file")
         self.size = os.fstat(self.fd).st_size
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -41,14 +45,14 @@ class CappedFileHandler(logging.Handler):
             self.handleError(record)
 
     def _shrink(self, incoming: int) -> None:
-        keep = max(0, self.limit // 2 - incoming)
-        with open(self.path, "rb") as f:
-            f.seek(max(0, self.size - keep))
-            tail = f.read()
-        cut = tail.find(b"\n") + 1 if keep else len(tail)
-        tail = tail[cut:]
+        size = os.fstat(self.fd).st_size
+        keep = max(0, min(size, self.limit // 2 - incoming))
+        start = size - keep
+        tail = os.pread(self.fd, keep, start) if keep else b""
+        if start > 0:                  # starts mid-line: drop that partial line
+            tail = tail[tail.find(b"\n") + 1:]
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, tail)
+        os.write(self.fd, tail)        # O_APPEND: at the new end, offset 0
         self.size = len(tail)
 
     def close(self) -> None:

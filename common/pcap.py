@@ -12,6 +12,8 @@ import os
 import struct
 import time
 
+from common.files import open_for_write
+
 PCAP_MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
 SNAPLEN = 262144
@@ -21,7 +23,7 @@ _RECORD = struct.Struct("=IIII")
 
 class Pcap:
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.fd = open_for_write(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "capture file")
         os.write(self.fd, _GLOBAL.pack(PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
         self._hdr = bytearray(_RECORD.size)
         self.frames = 0

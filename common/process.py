@@ -90,21 +90,18 @@ def daemonize() -> Readiness:
 
 
 class PidFile:
-    """The -P file: opened (created) at start-up, so a bad path is refused before
-    anything exists and a privileged directory still works after we drop
-    privileges; written once we are ready; removed on failure, and on exit
-    when we may."""
+    """The -P file: opened (created, mode 0600, never through a symbolic link as
+    root) at start-up, so a bad path is refused before anything exists and a
+    privileged directory still works after we drop privileges; written once we
+    are ready; removed on failure, and on exit when we may."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.fd: int | None = None
         if path:
-            try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                  0o644)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot write pid file {path}: {exc.strerror}",
-                              path) from None
+            from common.files import open_for_write  # noqa: PLC0415
+
+            self.fd = open_for_write(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "pid file")
 
     def write(self) -> None:
         if self.fd is not None:
@@ -136,13 +133,13 @@ def begin(conf: Config, prog: str) -> tuple[PidFile, tuple[int, int] | None]:
     from common import isolation  # noqa: PLC0415
     from common import log as logsetup  # noqa: PLC0415
 
-    logsetup.setup(conf.log, prog)
-    for note in conf.notes:
-        logging.getLogger(prog).warning(note)
     try:
+        logsetup.setup(conf.log, prog)
         pid_file = PidFile(conf.process.pid_file)
     except OSError as exc:
         raise SetupError(exc.strerror) from None
+    for note in conf.notes:
+        logging.getLogger(prog).warning(note)
     return pid_file, isolation.target_ids(conf.process.runas)
 
 

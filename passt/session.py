@@ -94,8 +94,7 @@ class Session:
             try:
                 self.pcap = Pcap(self.conf.pcap)
             except OSError as exc:
-                raise SetupError(f"cannot open capture file {self.conf.pcap}: "
-                                 f"{exc.strerror}") from None
+                raise SetupError(exc.strerror) from None
         if self.fd is not None:
             self._adopted = adopt_fd(self.fd)
         else:

@@ -126,7 +126,10 @@ class Session:
                            copy_routes=not self.opts.get("no_copy_routes"))
         self.tap = TunTap(fd, vnet_hdr=True)
         if self.conf.pcap:
-            self.pcap = self.tap.pcap = Pcap(self.conf.pcap)
+            try:
+                self.pcap = self.tap.pcap = Pcap(self.conf.pcap)
+            except OSError as exc:
+                raise SetupError(exc.strerror) from None
         done = netcfg.apply(self.helper, plan, self.target.netns_fd, self.target.userns_fd)
         self.helper.close()           # its pyroute2 goes with it
         log.debug("namespace interface %s: %s", name, done)
