@@ -38,7 +38,13 @@ from common.pcap import Pcap
 from common.process import SetupError
 from common.tap import StreamTap
 from passt.forwarding import PasstForwarding
-from passt.sockpath import SocketPathError, bind_socket, qemu_hint, same_socket
+from passt.sockpath import (
+    SocketPathError,
+    bind_socket,
+    give_socket,
+    qemu_hint,
+    same_socket,
+)
 
 log = logging.getLogger("passt")
 
@@ -106,7 +112,9 @@ class Session:
             self._ino = (st.st_dev, st.st_ino)
             if self.owner is not None and (st.st_uid, st.st_gid) != self.owner:
                 try:
-                    os.chown(self.path, *self.owner)
+                    give_socket(self.path, self._ino, self.owner)
+                except SocketPathError as exc:
+                    raise SetupError(str(exc)) from None
                 except OSError as exc:
                     log.warning("cannot hand socket %s to uid %d: %s", self.path,
                                 self.owner[0], exc.strerror)

@@ -121,6 +121,15 @@ def qemu_hint(path: str) -> list[str]:
     ]
 
 
+def give_socket(path: str, ino: tuple[int, int], owner: tuple[int, int]) -> None:
+    """Make `owner` (uid, gid) own the socket we bound at `path`: that inode, never
+    what a symbolic link put in its place would point to.  Raises SocketPathError
+    if the path no longer is our socket, OSError if chown fails."""
+    if not same_socket(path, ino):
+        raise SocketPathError(f"socket {path} was replaced while we set up")
+    os.chown(path, *owner, follow_symlinks=False)
+
+
 def same_socket(path: str, ino: tuple[int, int] | None) -> bool:
     """Whether `path` is still the socket we bound (device and inode)."""
     if ino is None:

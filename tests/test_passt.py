@@ -10,6 +10,7 @@ probe against our passt, and qrap's command-line patching.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -29,6 +30,7 @@ from common.packet.icmp import ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT, build_icmp6,
 from common.packet.ipv4 import IPPROTO_UDP, parse_ipv4
 from common.packet.ipv6 import IPPROTO_ICMPV6, parse_ipv6
 from common.packet.udp import parse_udp
+from common.process import SetupError
 from passt import qrap, sockpath
 from passt.session import Session
 from tests.support import (
@@ -446,3 +448,32 @@ def test_forwarded_ports_reach_the_guest_with_checksums(tmp_path: Path) -> None:
         c.close()
     finally:
         s.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_socket_is_handed_over_never_through_a_symlink(tmp_path: Path, monkeypatch) -> None:
+    """Root binds the socket, then gives it to the user it will run as. Should the
+    path be a symbolic link by then (someone swapped it in the socket's directory),
+    the file it points to must not change owner, and set-up fails."""
+    import passt.session as session_module
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    real_bind = session_module.bind_socket
+
+    def bind_then_swap(path):
+        listener, bound = real_bind(path)
+        os.rename(bound, str(tmp_path / "moved.socket"))
+        os.symlink(victim, bound)
+        return listener, bound
+
+    monkeypatch.setattr(session_module, "bind_socket", bind_then_swap)
+    session = Session(make_conf(), socket_path=str(tmp_path / "passt.socket"),
+                      owner=(65534, 65534))
+    try:
+        with pytest.raises(SetupError, match="was replaced"):
+            session.setup()
+    finally:
+        session.close()
+    assert (victim.stat().st_uid, victim.stat().st_gid) == (0, 0)
+    assert (tmp_path / "passt.socket").is_symlink()
