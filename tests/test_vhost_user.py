@@ -593,6 +593,20 @@ def test_hostile_rx_ring_stops_rx_only(server: Server, guest: Guest, how: str,
     wait_for(lambda: guest.tx.used_idx() == 1, "the TX buffer back")
 
 
+def test_front_end_resizing_a_running_ring_breaks_nothing(server: Server,
+                                                          guest: Guest) -> None:
+    assert guest.fe.ack(Req.SET_VRING_NUM, STATE.pack(1, 8)) == 0
+    assert guest.fe.ack(Req.SET_VRING_NUM, STATE.pack(0, 1024)) == 0
+    guest.rx.offer(100)                       # a head only a 1024-entry table has
+    for _ in range(12):                       # heads beyond 8
+        guest.send_frame(arp_request(GW4), kick=False)
+    os.eventfd_write(guest.kick[1], 1)
+    inject(server, [b"\x52\x54\x00\x12\x34\x56" + bytes(60)])
+    time.sleep(0.1)
+    assert server.session.loop.handler_errors == 0
+    assert guest.fe.u64(Req.GET_FEATURES)
+
+
 def test_ring_outside_memory_stops_at_start(server: Server,
                                             caplog: pytest.LogCaptureFixture) -> None:
     g = server.connect()

@@ -197,6 +197,8 @@ class VhostUserDevice:
             q.set_num(num)
         except RingError as exc:
             raise Failed(str(exc)) from None
+        if q.started:
+            self._map_queue(q)            # a running ring of another size: views anew
 
     def _set_vring_addr(self, msg: Message) -> None:
         index, _flags, desc, used, avail, _log = msg.addr()
