@@ -413,6 +413,38 @@ def test_one_signal_per_batch_and_kicks_requested(server: Server) -> None:
         g.close()
 
 
+@pytest.mark.parametrize("features", [DEFAULT_FEATURES, NO_EVENT_IDX],
+                         ids=["event index", "flags"])
+def test_a_failing_handler_does_not_silence_the_guest(server: Server, features: int) -> None:
+    """A bug in a handler must not leave kicks turned off (the driver would wait forever)."""
+    g = server.connect(features=features)
+    try:
+        g.start()
+        dp = wait_for(lambda: server.session.dataplane, "the data plane")
+        g.post_rx(8)
+        demux = dp.demux
+        calls = []
+
+        def failing_once(frame) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a handler bug")
+            demux(frame)
+
+        server.call(lambda: setattr(dp, "demux", failing_once))
+        g.send_frame(arp_request(GW4), kick=False)
+        g.send_frame(arp_request(GW4), kick=False)
+        os.eventfd_write(g.kick[1], 1)
+        wait_for(lambda: g.tx.used_idx() == 2, "both TX buffers back")
+        time.sleep(0.05)
+        g.send_frame(arp_request(GW4))           # kicks only if the back-end wants it
+        got = frames_in(g, 2)
+        assert all(is_arp_reply(f) for _h, f in got)
+        assert server.session.loop.handler_errors == 1
+    finally:
+        g.close()
+
+
 def test_event_index_both_ways(server: Server, guest: Guest) -> None:
     guest.post_rx(32)
     # the first buffers after a start are always signalled

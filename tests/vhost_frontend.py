@@ -98,6 +98,7 @@ class DriverRing:
         self.used = ram.alloc(6 + 8 * num, 4)
         self.free = list(range(num))
         self.avail_idx = 0
+        self.kicked_at = 0             # avail_idx when the driver last decided on a kick
         self.used_seen = 0
         self.chains: dict[int, list[int]] = {}
 
@@ -317,9 +318,19 @@ class Guest:
             pos += n
         head = (self.tx.add_indirect(bufs, False) if indirect
                 else self.tx.add(bufs, write=False))
-        if kick:
+        if kick and self.kick_wanted(self.tx):
             os.eventfd_write(self.kick[1], 1)
         return head
+
+    def kick_wanted(self, ring: DriverRing) -> bool:
+        """As Linux decides (virtqueue_kick_prepare): does the device want a kick for
+        what was added since the last time the driver asked?"""
+        old, new = ring.kicked_at, ring.avail_idx
+        ring.kicked_at = new
+        if self.features & 1 << F.RING_EVENT_IDX:
+            event = ring.avail_event()
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not ring.used_flags() & 1
 
     def received(self) -> list[tuple[bytes, bytes]]:
         """(header, frame) of every frame the back-end put in RX buffers since last time."""

@@ -267,6 +267,7 @@ class VhostUserDevice:
         if not self.has(F.PROTOCOL_FEATURES):
             q.enabled = True
         self._map_queue(q)
+        self._look_at_ring(q)
 
     def _set_vring_call(self, msg: Message) -> None:
         q, fd = self._vring_fd(msg)
@@ -295,6 +296,7 @@ class VhostUserDevice:
         q = self._queue(index)
         q.enabled = bool(num)
         log.debug("vhost-user: %s queue %s", q.name, "enabled" if num else "disabled")
+        self._look_at_ring(q)
 
     def _set_vring_endian(self, msg: Message) -> None:
         index, num = msg.state()
@@ -325,6 +327,13 @@ class VhostUserDevice:
     def _remap(self) -> None:
         for q in self.queues:
             self._map_queue(q)
+
+    def _look_at_ring(self, q: Virtqueue) -> None:
+        """A ring just started serving: what the driver offered meanwhile, it offered
+        without a kick we would see (its last kick went to the previous ring, or it was
+        told not to), so kick ourselves once."""
+        if q.enabled and q.ready and q.kick_fd is not None:
+            os.eventfd_write(q.kick_fd, 1)
 
     def _unwatch(self, fd: int) -> None:
         try:

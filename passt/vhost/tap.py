@@ -158,6 +158,12 @@ class VhostUserTap:
                     break
         except RingError as exc:
             q.fail(exc)
+        except BaseException:
+            # a handler failed mid-drain (a bug, the loop logs it): kicks may be off, so
+            # come back by ourselves rather than wait for one that never comes
+            if q.ready and q.kick_fd is not None:
+                os.eventfd_write(q.kick_fd, 1)
+            raise
         finally:
             pieces.clear()
             if q.mapped:
