@@ -160,7 +160,7 @@ class Virtqueue:
         self.mapped = True
         # the front-end's base (SET_VRING_BASE) says where to take buffers from; the
         # used index is where the ring says we left off giving them back
-        self.used_idx = self._used_h[1]
+        self.used_idx = self.signalled_used = self._used_h[1]
         self.signalled_valid = False
 
     # ------------------------------------------------------------ available ring
@@ -451,8 +451,8 @@ class Virtqueue:
             return False
         new = self.used_idx
         old = self.signalled_used
-        if new == old and self.signalled_valid:
-            return False
+        if new == old:
+            return False                   # nothing given back since the last signal
         fence()
         if self.event_idx:
             valid = self.signalled_valid
