@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from common import ndp
+from common import budget, ndp
 from common.conf import Config
 from common.demux import FrameDemux
 from common.guest import GuestState
@@ -36,6 +36,7 @@ class DataPlane:
         self.guest = guest or GuestState(conf)
         self.demux = FrameDemux(conf, self.guest, tap)
         self.addrmap = AddressMap(conf)
+        log.debug("descriptors for flows: %r", budget.shared())
         self.tcp: TcpHandler | None = None
         if conf.services.tcp:
             self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap)
@@ -53,6 +54,7 @@ class DataPlane:
             self.demux.icmp6 = self.icmp.on_frame6
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
         self._ra_timer = None
+        self._backlog_timer = None
         self._stats_timer = None
         self._stats_last: dict[str, int] = {}
         self.on_tap_gone = lambda: loop.stop(0)
@@ -80,12 +82,21 @@ class DataPlane:
             log.info("guest link closed")
             self.loop.remove(self.tap.fileno())
             self.on_tap_gone()
+        elif self._backlog_timer is None and getattr(self.tap, "backlog", False):
+            # frames the batch left in the backend's buffer: after everyone else's turn
+            self._backlog_timer = self.loop.call_later(0, self._tap_backlog)
+
+    def _tap_backlog(self) -> None:
+        self._backlog_timer = None
+        if self.loop.watching(self.tap.fileno()):
+            self._tap_readable(IN)
 
     def counters(self) -> dict[str, int]:
         """Every event counter of the data plane, flat: `tcp.opened` and the like."""
         out = {"tap.frames_in": getattr(self.tap, "frames_in", 0),
                "tap.frames_out": getattr(self.tap, "frames_out", 0)}
         for name, counters in (("frames", self.demux.counters),
+                               ("errors", self.demux.errors.counts),
                                ("tcp", self.tcp.counters if self.tcp else {}),
                                ("udp", self.udp.stats() if self.udp else {}),
                                ("icmp", self.icmp.counters if self.icmp else {})):
@@ -103,6 +114,7 @@ class DataPlane:
 
     def log_counters(self) -> None:
         for name, counters in (("frames", self.demux.counters),
+                               ("errors", self.demux.errors.counts),
                                ("tcp", self.tcp.counters if self.tcp else {}),
                                ("udp", self.udp.stats() if self.udp else {}),
                                ("icmp", self.icmp.counters if self.icmp else {})):
@@ -120,6 +132,8 @@ class DataPlane:
             self.icmp.close_all()
         if self._ra_timer is not None:
             self._ra_timer.cancel()
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
         if self._stats_timer is not None:
             self._stats_timer.cancel()
         if self.loop.watching(self.tap.fileno()):

@@ -10,7 +10,10 @@ the IP packet ends (trailing Ethernet padding excluded).
 The parsing here is the minimum needed to route a frame, done on the
 memoryview with no intermediate objects: this runs for every packet.  A frame
 that is malformed, fragmented or for nobody is dropped and counted in
-`counters`; nothing a guest sends can raise out of here.
+`counters`; a responder's reply larger than the link's MTU is dropped and
+counted too (`reply_oversize`).  Nothing a guest sends can raise out of
+here: a handler that raises costs that one frame, and is counted per
+handler in `errors` and logged at a bounded rate (`common.ratelimit`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from common import arp, dhcp, dhcpv6, ndp
 from common.conf import Config
 from common.guest import GuestState
+from common.ratelimit import HandlerErrors, handler_name
 from common.tap import TapBackend
 
 log = logging.getLogger("demux")
@@ -44,6 +48,8 @@ class FrameDemux:
         self.guest = guest
         self.tap = tap
         self.counters: Counter[str] = Counter()
+        self.errors = HandlerErrors(log)
+        self._frame_max = 14 + conf.mtu
         svc = conf.services
         self._arp = conf.ip4 is not None
         self._dhcp = svc.dhcp and conf.ip4 is not None
@@ -63,9 +69,18 @@ class FrameDemux:
 
     def _reply(self, frames: list[bytes]) -> None:
         for f in frames:
+            if len(f) > self._frame_max:
+                self.counters["reply_oversize"] += 1
+                continue
             self.tap.send_frame(f)
 
     def __call__(self, frame: memoryview) -> None:
+        try:
+            self._route(frame)
+        except Exception as exc:  # noqa: BLE001 - one bad frame costs one frame
+            self.errors.failed(handler_name(exc, __file__), exc)
+
+    def _route(self, frame: memoryview) -> None:
         n = len(frame)
         if n < 14:
             return self._drop("runt")

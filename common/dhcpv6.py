@@ -104,6 +104,11 @@ INFINITE = 0xffffffff
 DUID_LL = 3
 HWTYPE_ETHERNET = 1
 DUID_MAX = 130                   # type code plus at most 128 octets (RFC 8415 11.1)
+# a reply must fit the link: of each kind of IA only this many are answered, and of the
+# addresses an IA_NA holds only this many are returned with lifetime 0 (a guest's own
+# IAs would otherwise make a reply several times its message's size)
+IA_ANSWERED = 8
+STALE_ANSWERED = 4
 
 _OPT_HDR = struct.Struct("!HH")
 _IA_NA = struct.Struct("!III")    # IAID, T1, T2
@@ -205,20 +210,21 @@ def _leases(msg_type: int, opts: Options, conf: Config) -> tuple[bytes, bool]:
     stale = msg_type in (REQUEST, RENEW, REBIND)
     out = bytearray()
     given = False
-    for body in opts.get(OPT_IA_NA, ()):
+    for body in opts.get(OPT_IA_NA, ())[:IA_ANSWERED]:
         iaid = bytes(body[:4])
         held = _ia_addresses(body)
         # addresses the client holds that are not ours: lifetime 0 tells it to drop them
-        old = [(a, 0) for a in dict.fromkeys(held) if a != ours] if stale else []
+        old = [(a, 0) for a in dict.fromkeys(held) if a != ours][:STALE_ANSWERED] \
+            if stale else []
         if not given:
             out += _ia_na(iaid, [(ours, INFINITE)] + old)
             given = True
         else:
             out += _ia_na(iaid, old, _status(STATUS_NO_ADDRS_AVAIL, "one address per client"))
-    for body in opts.get(OPT_IA_TA, ()):
+    for body in opts.get(OPT_IA_TA, ())[:IA_ANSWERED]:
         out += _opt(OPT_IA_TA, bytes(body[:4]) +
                     _status(STATUS_NO_ADDRS_AVAIL, "no temporary addresses"))
-    for body in opts.get(OPT_IA_PD, ()):
+    for body in opts.get(OPT_IA_PD, ())[:IA_ANSWERED]:
         out += _opt(OPT_IA_PD, bytes(body[:4]) + bytes(8) +
                     _status(STATUS_NO_PREFIX_AVAIL, "no prefix delegation"))
     return bytes(out), given
@@ -335,7 +341,7 @@ def handle(frame: bytes | bytearray | memoryview, conf: Config,
         reply = respond(msg_type, xid, opts, conf)
     except MalformedPacket:
         return []
-    if reply is None:
+    if reply is None or len(reply) > conf.mtu - 48:     # IPv6 and UDP headers: 48 bytes
         return []
     return [udp6_frame(bytes(eth.src), conf.our_mac, our_ll, bytes(ip.src),
                        SERVER_PORT, CLIENT_PORT, reply)]

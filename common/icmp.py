@@ -31,7 +31,9 @@ import time
 from collections import Counter
 from functools import partial
 
+from common import budget
 from common import log as plog
+from common.budget import FdBudget
 from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, FlowHeader
 from common.guest import GuestState
@@ -67,8 +69,10 @@ class EchoFlow(Flow):
 class IcmpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
-                 idle: float = IDLE_TIMEOUT, expire_scan: float = EXPIRE_SCAN) -> None:
+                 idle: float = IDLE_TIMEOUT, expire_scan: float = EXPIRE_SCAN,
+                 fds: FdBudget | None = None) -> None:
         self.conf = conf
+        self.fds = fds or budget.shared()        # one descriptor per flow
         self.loop = loop
         self.guest = guest
         self.map = addrmap or AddressMap(conf)
@@ -139,13 +143,14 @@ class IcmpHandler:
         if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224):
             self.counters["bad_dst"] += 1
             return None
-        if not self.table.room():
+        if not self.table.room() or not self.fds.take():
             self.counters["limit"] += 1
             return None
         host_addr, _ = self.map.to_host(v6, raddr, 0)
         try:
             sock = self._socket(v6, ident)
         except OSError as exc:
+            self.fds.give()
             self.counters["socket_fail"] += 1
             if exc.errno in (errno.EACCES, errno.EPERM):
                 self._note_forbidden()
@@ -158,6 +163,7 @@ class IcmpHandler:
             self.counters["connect_fail"] += 1
             log.debug("icmp: connect: %s", exc)
             sock.close()
+            self.fds.give()
             return None
         hdr = FlowHeader(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, raddr, gaddr)
         flow = EchoFlow(key, time.monotonic(), hdr, sock, ident)
@@ -241,6 +247,7 @@ class IcmpHandler:
     def _release(self, flow: EchoFlow) -> None:
         self.loop.remove(flow.fd)
         flow.sock.close()
+        self.fds.give()
 
     def close_all(self) -> None:
         self._timer.cancel()

@@ -30,9 +30,31 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from common.fwd import ForwardSpec, Rule
-from common.loop import IN, Loop
+from common.loop import IN, Loop, Timer
+from common.ratelimit import RateLimited
 
 log = logging.getLogger("fwd")
+_limited = RateLimited(log)
+
+# out of descriptors or memory, accept() leaves the connection queued and the listener
+# (level-triggered) readable: we stop watching it this long, then try again
+ACCEPT_BACKOFF = 0.1
+ACCEPT_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+def pause_accepting(loop: Loop, fd: int, handler: Callable[[int], None], exc: OSError,
+                    what: str) -> Timer:
+    """Stop watching listener `fd` for ACCEPT_BACKOFF seconds, then watch it again with
+    `handler`; said at most once a second.  Cancel the timer returned if `fd` closes."""
+    loop.remove(fd)
+    _limited.warning("accept-exhausted", "%s: %s: not accepting connections for %d ms",
+                     what, exc.strerror, ACCEPT_BACKOFF * 1000)
+
+    def resume() -> None:
+        if not loop.watching(fd):
+            loop.add(fd, IN, handler)
+
+    return loop.call_later(ACCEPT_BACKOFF, resume)
 
 SCAN_INTERVAL = 1.0
 BACKLOG = 1024
@@ -283,6 +305,7 @@ class TcpListener:
         self.to_port = to_port
         self.to_addr = to_addr
         self.on_accept = on_accept
+        self._paused: Timer | None = None
         loop.add(sock.fileno(), IN, self._readable)
 
     def _readable(self, _events: int) -> None:
@@ -294,13 +317,17 @@ class TcpListener:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept: %s: connection refused", exc.strerror)
+                if exc.errno in ACCEPT_EXHAUSTED:
+                    self._paused = pause_accepting(
+                        self.loop, self.sock.fileno(), self._readable, exc,
+                        f"port {self.sock.getsockname()[1]}")
                 return
             addr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
             self.on_accept(conn, addr, peer[1], self.to_port, v6, self.to_addr)
 
     def close(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
         self.loop.remove(self.sock.fileno())
         self.sock.close()
 

@@ -8,7 +8,9 @@ are dispatched like any other event, so a handler never runs inside a signal
 frame.
 
 A handler that raises is a bug, not a reason to stop serving every other
-flow: the loop logs it with its traceback, counts it and carries on.
+flow: the loop counts it per handler (`errors`), logs the first one of each
+handler with its traceback and later ones at a bounded rate (a guest may be
+able to trigger it again and again), and carries on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
+
+from common.ratelimit import HandlerErrors
 
 log = logging.getLogger("loop")
 
@@ -57,7 +62,12 @@ class Loop:
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._wakeup: tuple[int, int] | None = None
         self._exit_code: int | None = None
-        self.handler_errors = 0
+        self.errors = HandlerErrors(log)
+
+    @property
+    def handler_errors(self) -> int:
+        """Exceptions handlers and timers raised, in all."""
+        return self.errors.total
 
     # ------------------------------------------------------------ fds
 
@@ -114,9 +124,8 @@ class Loop:
                 heapq.heappush(timers, (timer.deadline, next(self._seq), timer))
             try:
                 timer.fn()
-            except Exception:  # noqa: BLE001 - see module docstring
-                self.handler_errors += 1
-                log.exception("timer %r failed", timer.fn)
+            except Exception as exc:  # noqa: BLE001 - see module docstring
+                self.errors.failed(f"timer {_name(timer.fn)}", exc)
         return -1.0
 
     # ------------------------------------------------------------ signals
@@ -167,9 +176,8 @@ class Loop:
                     continue
                 try:
                     handler(events)
-                except Exception:  # noqa: BLE001 - see module docstring
-                    self.handler_errors += 1
-                    log.exception("handler for fd %d failed", fd)
+                except Exception as exc:  # noqa: BLE001 - see module docstring
+                    self.errors.failed(_name(handler), exc)
         return self._exit_code
 
     def close(self) -> None:
@@ -179,6 +187,13 @@ class Loop:
                 os.close(fd)
             self._wakeup = None
         self._epoll.close()
+
+
+def _name(fn: Callable) -> str:
+    """A handler's name for counting its failures: a code location, never data."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _noop_signal_handler(_signum: int, _frame: object) -> None:

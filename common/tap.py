@@ -20,9 +20,11 @@ The interface, used by the protocol handlers in `common/`:
 - `csum_offload`: when True, the caller fills the L4 checksum field with the
   pseudo-header sum only and passes `csum_start`/`csum_offset` (offsets from
   the Ethernet header); when False it computes full checksums.
-- `read(sink)`: drain available frames, calling `sink(frame)` with a
-  memoryview that is only valid during the call.  Returns False when the
-  link is gone.
+- `read(sink)`: hand on at most a batch of available frames, calling
+  `sink(frame)` with a memoryview that is only valid during the call, each
+  frame exactly once even if the sink raises.  Returns False when the link
+  is gone.  A backend that may keep complete frames after a read (with no
+  new event to announce them) says so in `backlog`.
 - `send(buf, start, end, csum_start, csum_offset)`: send buf[start:end];
   returns False when the frame was dropped.
 - `send_frame(frame)`: the slow path for small frames built as bytes.
@@ -39,8 +41,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from common.pcap import Pcap
+from common.ratelimit import RateLimited
 
 log = logging.getLogger("tap")
+_limited = RateLimited(log)
 
 FRAME_MAX = 65535 + 14            # largest Ethernet frame: 64 KiB IP packet + header
 VNET_HDR_LEN = 10                 # struct virtio_net_hdr, without num_buffers
@@ -103,7 +107,7 @@ class TunTap:
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EINTR):
                     return True
-                log.error("tap read: %s", exc)
+                _limited.log("tap-read", logging.ERROR, "tap read: %s", exc)
                 return exc.errno not in (errno.EBADFD, errno.EBADF, errno.EIO)
             if n is None:
                 return True
@@ -169,11 +173,15 @@ class StreamTap:
     """A connected UNIX stream socket to QEMU (passt): each frame after its length.
 
     Reading: one preallocated buffer; each recv() takes as much as is there,
-    then every complete frame in the buffer goes to the sink as a view into
-    it, so several frames per read and a frame split across reads cost no
-    copy.  The unparsed tail moves to the front only when too little room is
-    left behind it for a largest frame.  A length beyond `FRAME_MAX` means
-    the stream lost its framing: `read` reports the link gone.
+    then the complete frames in the buffer go to the sink as views into it,
+    so several frames per read and a frame split across reads cost no copy.
+    One `read` hands on at most READ_BATCH frames; what is left waits in the
+    buffer (`backlog`: the data plane comes back for it on the next turn of
+    the loop, as the socket may have nothing new to wake us).  Each frame is
+    handed on exactly once, even when the sink raises.  The unparsed tail
+    moves to the front only when too little room is left behind it for a
+    largest frame.  A length beyond `FRAME_MAX` means the stream lost its
+    framing: `read` reports the link gone.
 
     Writing: the length goes into the caller's headroom, one send() per
     frame.  What the socket does not take (QEMU reads as fast as its guest
@@ -226,14 +234,29 @@ class StreamTap:
     # ------------------------------------------------------------ reading
 
     def read(self, sink: Sink) -> bool:
+        """Hand on at most READ_BATCH frames: first those left in the buffer by the last
+        call, then what recv() brings.  `backlog` says whether complete frames are left
+        for the next call (the socket may have nothing new to wake us for them)."""
+        budget = self._deliver(sink, READ_BATCH)
+        if budget < 0:
+            return False
         recv_into = self.sock.recv_into
         view = self._rview
         for _ in range(STREAM_RECV_BATCH):
+            if budget == 0:
+                break
+            # no complete frame is buffered now: at most the start of one, which moves to
+            # the front when too little room is left behind it for a largest frame
             end = self._rend
+            if len(self._rbuf) - end < 4 + FRAME_MAX:
+                start = self._rstart
+                end = end - start
+                self._rbuf[:end] = bytes(view[start:self._rend])
+                self._rstart, self._rend = 0, end
             try:
                 n = recv_into(view[end:])
             except (BlockingIOError, InterruptedError):
-                return True
+                break
             except OSError as exc:
                 log.info("guest socket: %s", exc.strerror or exc)
                 return False
@@ -243,42 +266,48 @@ class StreamTap:
                               end - self._rstart)
                 return False
             self._rend = end + n
-            if not self._deliver(sink):
+            budget = self._deliver(sink, budget)
+            if budget < 0:
                 return False
         return True
 
-    def _deliver(self, sink: Sink) -> bool:
-        """Hand every complete frame in the buffer to `sink`."""
+    @property
+    def backlog(self) -> bool:
+        """True when a complete frame waits in our buffer for the next `read`."""
+        avail = self._rend - self._rstart
+        return avail >= 4 and avail - 4 >= STREAM_LEN.unpack_from(self._rbuf, self._rstart)[0]
+
+    def _deliver(self, sink: Sink, budget: int) -> int:
+        """Hand up to `budget` complete frames in the buffer to `sink`, each exactly
+        once (our position moves past a frame before the sink sees it, so a sink that
+        raises never gets it again); the budget left, or -1 if the framing is lost."""
         buf = self._rbuf
         view = self._rview
         pos = self._rstart
         end = self._rend
         pcap = self.pcap
         unpack = STREAM_LEN.unpack_from
-        while end - pos >= 4:
+        while budget and end - pos >= 4:
             (length,) = unpack(buf, pos)
             if length > FRAME_MAX:
                 self.bad_frames += 1
-                log.error("guest sent a frame length of %d bytes (at most %d): "
-                          "dropping the connection", length, FRAME_MAX)
-                return False
+                _limited.log("stream-framing", logging.ERROR,
+                             "guest sent a frame length of %d bytes (at most %d): "
+                             "dropping the connection", length, FRAME_MAX)
+                return -1
             if end - pos - 4 < length:
                 break
             frame = view[pos + 4:pos + 4 + length]
             pos += 4 + length
+            self._rstart = pos
+            budget -= 1
             self.frames_in += 1
             if pcap is not None:
                 pcap.write(frame)
             sink(frame)
         if pos == end:
             self._rstart = self._rend = 0
-        else:
-            self._rstart = pos
-            if len(buf) - end < 4 + FRAME_MAX:
-                tail = end - pos
-                buf[:tail] = bytes(view[pos:end])
-                self._rstart, self._rend = 0, tail
-        return True
+        return budget
 
     # ------------------------------------------------------------ writing
 

@@ -179,3 +179,74 @@ def test_guest_never_reaches_host_loopback(topo, procs, tmp_path, mode, variant)
     assert udp_c.get("port_zero") == n_port0, udp_c
     assert udp_c.get("bad_dst", 0) + udp_c.get("multicast", 0) == n_cast, udp_c
     assert icmp.get("bad_addr") == len(ECHO_PROBES), icmp
+
+
+HOLD = """
+import socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(('127.0.0.1', int(sys.argv[1])))
+ls.listen(1024)
+print('listening', flush=True)
+held = []
+while True:
+    held.append(ls.accept()[0])
+"""
+
+
+def test_flow_limits_follow_the_descriptor_limit(topo, procs, tmp_path):
+    """passt under RLIMIT_NOFILE 300: a guest opening 300 connections meets our
+    descriptor budget (counted, answered with a reset), never EMFILE, and new connections
+    work again once the guest closes its own."""
+    from common.budget import FdBudget
+    from common.packet.tcp import RST
+
+    nofile, n = 300, 300
+    limit = FdBudget(nofile).limit               # nothing but these connections holds any
+    hold = procs.start(topo.host.cmd(sys.executable, "-c", HOLD, str(PORT)), text=True)
+    assert hold.stdout.readline().strip() == "listening"
+    with socket_dir() as d:
+        path = str(d / "passt.socket")
+        prog = procs.start(topo.host.cmd("prlimit", f"--nofile={nofile}:{nofile}", "--",
+                                         *our_command("passt"), "-f", "-d", "-s", path),
+                           text=True)
+        guest = PasstGuest(path, timeout=20)
+        try:
+            for sport in range(30000, 30000 + n):
+                guest.send(tcp_syn(BCAST_MAC, GUEST_MAC, HOST4, GW4, sport, PORT))
+            frames = guest.recv(3.0)
+            synacks = len({_synack_port(f) for f in frames} - {None})   # (and resent)
+            for sport in range(30000, 30000 + n):        # the guest gives up on all of them
+                guest.send(_tcp(GUEST_MAC, HOST4, GW4, sport, PORT, 1001, RST))
+            guest.recv(0.5)
+            guest.send(tcp_syn(BCAST_MAC, GUEST_MAC, HOST4, GW4, 31000, PORT))
+            again = [f for f in guest.recv(2.0) if _synack_port(f) == 31000]
+        finally:
+            guest.close()
+        time.sleep(0.2)
+        prog.send_signal(signal.SIGTERM)
+        _, err = prog.communicate(timeout=15)
+    tcp = _counters(err, "tcp")
+    assert synacks == limit, (synacks, limit, tcp)
+    assert tcp.get("limit") == n - limit, tcp
+    assert "socket_fail" not in tcp and "Too many open files" not in err, err[-2000:]
+    assert again, "a new connection after the guest closed its own"
+
+
+def _tcp(mac: bytes, src: str, dst: str, sport: int, dport: int, seq: int, flags: int) -> bytes:
+    from common.packet.frames import build_ipv4_frame
+    from common.packet.tcp import build_tcp4
+    from integration.rawguest import packed
+    s, d = packed(src), packed(dst)
+    return build_ipv4_frame(BCAST_MAC, mac, s, d, 6, build_tcp4(s, d, sport, dport, seq, 0,
+                                                                flags, 65535))
+
+
+def _synack_port(frame: bytes) -> int | None:
+    """The guest port a SYN-ACK goes to, or None."""
+    if frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    l4 = 14 + (frame[14] & 0x0F) * 4
+    if frame[l4 + 13] & 0x12 != 0x12:
+        return None
+    return frame[l4 + 2] << 8 | frame[l4 + 3]

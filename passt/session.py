@@ -19,7 +19,6 @@ itself, as libvirt does).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -32,10 +31,11 @@ from common.conf import Config
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
 from common.guest import GuestState
-from common.listeners import BindError
+from common.listeners import ACCEPT_EXHAUSTED, BindError, pause_accepting
 from common.loop import IN, Loop
 from common.pcap import Pcap
 from common.process import SetupError
+from common.ratelimit import RateLimited
 from common.tap import StreamTap
 from passt.forwarding import PasstForwarding
 from passt.sockpath import (
@@ -47,6 +47,7 @@ from passt.sockpath import (
 )
 
 log = logging.getLogger("passt")
+_limited = RateLimited(log)
 
 
 def adopt_fd(fd: int) -> socket.socket:
@@ -91,6 +92,7 @@ class Session:
         self.control: ControlServer | None = None
         self.guests = 0
         self._adopted: socket.socket | None = None
+        self._paused = None           # the timer that watches the listener again
 
     # ------------------------------------------------------------ set-up (privileged)
 
@@ -192,11 +194,13 @@ class Session:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept: %s", exc.strerror)
+                if exc.errno in ACCEPT_EXHAUSTED:
+                    self._paused = pause_accepting(self.loop, self.listener.fileno(),
+                                                   self._acceptable, exc, "guest socket")
                 return
             if self.tap is not None:
-                log.info("another guest connected while one is served: closing it")
+                _limited.log("busy", logging.INFO,
+                             "another guest connected while one is served: closing it")
                 sock.close()
                 continue
             self._attach(sock)
@@ -243,6 +247,8 @@ class Session:
             self._adopted.close()
             self._adopted = None
         if self.listener is not None:
+            if self._paused is not None:
+                self._paused.cancel()
             self.loop.remove(self.listener.fileno())
             self.listener.close()
             self.listener = None

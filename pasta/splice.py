@@ -36,6 +36,8 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+from common import budget
+from common.budget import FdBudget
 from common.loop import ET, IN, OUT, RDHUP, Loop
 
 log = logging.getLogger("splice")
@@ -50,7 +52,8 @@ _ERR = 0x008
 _HUP = 0x010
 _LINGER0 = struct.pack("ii", 1, 0)
 POOL_TARGET = 16
-MAX_CONNS = 32768
+MAX_CONNS = 32768              # at most; and 6 descriptors each from the budget
+FDS_PER_CONN = 6               # two sockets, two pipes
 
 
 class _Dir:
@@ -101,12 +104,15 @@ def ns_loopback(v6: bool) -> str:
 
 class Splicer:
     def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]],
-                 ns_dest: NsDest = ns_loopback) -> None:
+                 ns_dest: NsDest = ns_loopback, *, max_conns: int = MAX_CONNS,
+                 fds: FdBudget | None = None) -> None:
         """ns_socket(family, n): n new non-blocking stream sockets inside the namespace;
         ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.ns_socket = ns_socket
         self.ns_dest = ns_dest
+        self.max_conns = max_conns
+        self.fds = fds or budget.shared()
         self.conns: set[SpliceConn] = set()
         self.counters: Counter[str] = Counter()
         self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
@@ -160,7 +166,8 @@ class Splicer:
 
     def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int],
                inbound: bool = True) -> None:
-        if len(self.conns) >= MAX_CONNS:
+        if len(self.conns) >= self.max_conns or not self.fds.take(FDS_PER_CONN):
+            self.counters["limit"] += 1
             b.close()
             self._refuse(a)
             return
@@ -169,6 +176,7 @@ class Splicer:
             for s in (a, b):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
+            self.fds.give(FDS_PER_CONN)
             b.close()
             self._refuse(a)
             return
@@ -284,6 +292,7 @@ class Splicer:
             os.close(fd)
         c.pipes = []
         self.conns.discard(c)
+        self.fds.give(FDS_PER_CONN)
 
     def close_all(self) -> None:
         for c in list(self.conns):

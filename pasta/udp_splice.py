@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+from common import budget
+from common.budget import FdBudget
 from common.loop import ERR, IN, Loop
 from common.udp.flow import Flow, FlowTable
 from common.udp.handler import (
@@ -102,10 +104,12 @@ class UdpSplicer:
     def __init__(self, loop: Loop, ns_sockets: Callable[[int, int], list[socket.socket]], *,
                  ns_dest: NsDest = ns_loopback,
                  max_flows: int = MAX_FLOWS, idle: float = IDLE_TIMEOUT,
-                 idle_replied: float = IDLE_TIMEOUT_REPLIED) -> None:
+                 idle_replied: float = IDLE_TIMEOUT_REPLIED,
+                 fds: FdBudget | None = None) -> None:
         """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace;
         ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
+        self.fds = fds or budget.shared()        # one descriptor per flow
         self.ns_sockets = ns_sockets
         self.ns_dest = ns_dest
         self.table: FlowTable[SpliceFlow] = FlowTable(limit=max_flows, idle=idle,
@@ -184,12 +188,13 @@ class UdpSplicer:
     def _open(self, fd: int, back: socket.socket, owner: object, peer: tuple, family: int,
               to_port: int, make: Callable[[int], socket.socket],
               addr: str) -> SpliceFlow | None:
-        if not self.table.room():
+        if not self.table.room() or not self.fds.take():
             self.counters["limit"] += 1
             return None
         try:
             out = make(family)
         except OSError as exc:
+            self.fds.give()
             self.counters["socket_fail"] += 1
             log.debug("udp splice: no socket: %s", exc)
             return None
@@ -206,6 +211,7 @@ class UdpSplicer:
             self.counters["connect_fail"] += 1
             log.debug("udp splice: to port %d: %s", to_port, exc)
             out.close()
+            self.fds.give()
             return None
         flow = SpliceFlow((fd, peer), time.monotonic(), out, back, peer, owner)
         self.table.add(flow)
@@ -257,6 +263,7 @@ class UdpSplicer:
             del peers[flow.peer]
         self.loop.remove(flow.out_fd)
         flow.out.close()
+        self.fds.give()
 
     def _expire(self) -> None:
         self.table.expire(time.monotonic())

@@ -163,7 +163,8 @@ def flood(rounds: int, seed: int) -> dict:
         "rounds": rounds,
         "established_before": established,
         "escaped": escaped,
-        "handler_errors": loop.handler_errors,
+        # the demux catches what a handler raises: counted there, never escaping
+        "handler_errors": loop.handler_errors + dp.demux.errors.total,
         "tcp_left": left,
         "udp_flows": len(dp.udp.flows) if dp.udp else 0,
         "dropped": dict(dp.demux.counters),

@@ -258,3 +258,36 @@ def test_pcap_records_both_directions(tmp_path, pair):
     assert len(data) == 24 + 16 + 70 + 16 + 80
     assert make_frame(1, 70) in data and make_frame(2, 80) in data
     os.unlink(tmp_path / "cap.pcap")
+
+
+def test_each_frame_once_even_when_the_sink_raises(pair):
+    """A frame whose handler raises is not handed on again, nor are those before it."""
+    tap, peer = pair
+    frames = [make_frame(i, 80) for i in range(5)]
+    peer.sendall(b"".join(prefixed(f) for f in frames))
+    seen: list[bytes] = []
+
+    def sink(frame: memoryview) -> None:
+        seen.append(bytes(frame))
+        if bytes(frame) == frames[2]:
+            raise ValueError("a handler's bug")
+
+    with pytest.raises(ValueError):
+        tap.read(sink)
+    assert tap.backlog                  # frames 3 and 4 wait in the buffer, not the socket
+    assert tap.read(sink)
+    assert seen == frames
+
+
+def test_one_read_hands_on_a_batch_then_the_backlog(pair):
+    from common.tap import READ_BATCH
+
+    tap, peer = pair
+    frames = [make_frame(i, 60) for i in range(READ_BATCH * 3 + 7)]
+    peer.sendall(b"".join(prefixed(f) for f in frames))
+    sink = Collect()
+    assert tap.read(sink)
+    assert len(sink.frames) == READ_BATCH and tap.backlog
+    while tap.backlog:
+        tap.read(sink)
+    assert sink.frames == frames

@@ -12,6 +12,13 @@ connection's state.  It talks to the outside through four narrow seams:
   retransmission, handshake and idle timeouts.
 
 Frames go out through `SegmentWriter`; nothing here knows the tap backend.
+
+What the guest may choose is bounded: its MSS is clamped to [536 or 1220, our
+link's], and one call of `_push` sends at most PUSH_BATCH frames; a
+connection with more to send is pushed again on the next turn of the loop
+(`_push_later`), after every other event had its turn.  The table holds at
+most `max_conns` connections, sized from the descriptors we may open
+(`common.budget`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from collections import Counter
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address
 
+from common import budget
 from common import log as plog
+from common.budget import FdBudget
 from common.conf import Config
 from common.flowheader import PROTO_TCP, FlowHeader
 from common.guest import GuestState
@@ -79,7 +88,9 @@ MSG_PEEK = socket.MSG_PEEK
 MSG_TRUNC = socket.MSG_TRUNC
 
 OUR_WSCALE = 8                 # our windows go up to 16 MiB
-MAX_CONNS = 65536              # explicit flow limit
+MAX_CONNS = 65536              # explicit flow limit (and the descriptor budget)
+MSS_MIN4, MSS_MIN6 = 536, 1220  # the guest's MSS is clamped to these (RFC 9293, RFC 8200)
+PUSH_BATCH = 64                # frames one call of _push sends; the rest on a later turn
 TICK = 0.05                    # timer resolution, seconds
 RTO_INITIAL = 0.2
 RTO_MAX = 10.0
@@ -105,8 +116,11 @@ def _syn_options(mss: int, wscale: int | None) -> bytes:
 
 class TcpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
-                 addrmap: AddressMap | None = None) -> None:
+                 addrmap: AddressMap | None = None, *, max_conns: int = MAX_CONNS,
+                 fds: FdBudget | None = None) -> None:
         self.conf = conf
+        self.max_conns = max_conns
+        self.fds = fds or budget.shared()         # one descriptor per connection
         self.loop = loop
         self.guest = guest
         self.map = addrmap or AddressMap(conf)
@@ -127,6 +141,8 @@ class TcpHandler:
         self.now = time.monotonic()
         self._tick_timer = loop.call_every(TICK, self._tick)
         self._idle_timer = loop.call_every(IDLE_SCAN, self._idle_scan)
+        self._more: set[TcpConn] = set()          # conns whose _push stopped at the batch
+        self._more_timer = None
 
     # ================================================================ guest side
 
@@ -200,7 +216,7 @@ class TcpHandler:
 
     def _open_outbound(self, key: bytes, v6: bool, frame: memoryview, l3: int, l4: int,
                        data: int, seq: int, window: int) -> None:
-        if len(self.conns) >= MAX_CONNS:
+        if len(self.conns) >= self.max_conns:
             self.counters["limit"] += 1
             self._rst_for_syn(v6, frame, l3, l4, seq)
             return
@@ -218,9 +234,14 @@ class TcpHandler:
         except MalformedPacket:
             self.counters["malformed"] += 1
             return
+        if not self.fds.take():
+            self.counters["limit"] += 1
+            self._rst_for_syn(v6, frame, l3, l4, seq)
+            return
         try:
             sock = self._new_socket(v6)
         except OSError as exc:
+            self.fds.give()
             self.counters["socket_fail"] += 1
             log.debug("tcp: no socket for new connection: %s", exc)
             self._rst_for_syn(v6, frame, l3, l4, seq)
@@ -228,7 +249,7 @@ class TcpHandler:
         flow = FlowHeader(v6, PROTO_TCP, raddr, gaddr, rport, gport)
         conn = TcpConn(key, sock, flow, inbound=False)
         conn.rcv_nxt = (seq + 1) & M32
-        conn.guest_mss = opts.mss or (536 if not v6 else 1220)
+        conn.guest_mss = self._clamp_mss(opts.mss, v6)
         conn.guest_wscale = min(opts.wscale, 14) if opts.wscale is not None else -1
         conn.snd_wnd = window          # SYN windows are never scaled
         conn.state = CONNECTING
@@ -247,6 +268,14 @@ class TcpHandler:
             self._connected(conn)
         elif err not in (errno.EINPROGRESS, errno.EAGAIN):
             self._connect_failed(conn, err)
+
+    def _clamp_mss(self, mss: int | None, v6: bool) -> int:
+        """The guest's MSS within [the protocol's minimum, our link's]: an MSS of 1
+        would turn one window of data into as many frames as bytes."""
+        lo, hi = (MSS_MIN6, self.mss6) if v6 else (MSS_MIN4, self.mss4)
+        if not mss:
+            return lo
+        return lo if mss < lo else hi if mss > hi else mss
 
     def _new_socket(self, v6: bool) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
@@ -287,7 +316,9 @@ class TcpHandler:
         """Start the retransmission (or persist) timer unless it is running."""
         if not conn.rto_at:
             conn.rto = conn.rto or RTO_INITIAL
-            conn.rto_at = self.now + conn.rto
+            # the clock, not the last tick's `now`: a long turn of the loop (batches of
+            # frames, other flows) must not make a fresh timer look overdue
+            conn.rto_at = time.monotonic() + conn.rto
             self.timed.add(conn)
 
     def _send_synack(self, conn: TcpConn) -> None:
@@ -316,7 +347,7 @@ class TcpHandler:
             except MalformedPacket:
                 return False
             conn.rcv_nxt = (seq + 1) & M32
-            conn.guest_mss = opts.mss or (536 if not conn.flow.v6 else 1220)
+            conn.guest_mss = self._clamp_mss(opts.mss, conn.flow.v6)
             conn.guest_wscale = min(opts.wscale, 14) if opts.wscale is not None else -1
             conn.snd_una = ack
             conn.snd_wnd = window
@@ -655,7 +686,14 @@ class TcpHandler:
             seg_max = PAYLOAD_MAX4 if self.gso else conn.guest_mss
         recv_into = conn.sock.recv_into
         mss = conn.guest_mss
+        batch = PUSH_BATCH
         while room > 0:
+            if not batch:
+                # enough for one turn: the rest after the other flows had theirs (no
+                # event would bring us back, the socket's edge has passed)
+                self._push_later(conn)
+                break
+            batch -= 1
             want = room if room < seg_max else seg_max
             try:
                 got = recv_into(payload, want, MSG_PEEK)
@@ -685,6 +723,18 @@ class TcpHandler:
             conn.snd_max = conn.snd_nxt
         if conn.snd_nxt != conn.snd_una:
             self._arm_rto(conn)
+
+    def _push_later(self, conn: TcpConn) -> None:
+        self._more.add(conn)
+        if self._more_timer is None:
+            self._more_timer = self.loop.call_later(0, self._push_more)
+
+    def _push_more(self) -> None:
+        self._more_timer = None
+        more, self._more = self._more, set()
+        for conn in more:
+            if not conn.state & CLOSED:
+                self._push(conn)
 
     def _send_fin(self, conn: TcpConn, wnd_field: int) -> None:
         self.writer.send_ctrl(conn.flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
@@ -719,7 +769,7 @@ class TcpHandler:
         """A connection accepted on a forwarded port: open it towards the guest, at
         `to_addr` if the forward names one (else the guest's own address)."""
         guest_addr = self.guest.addr6 if v6 else self.guest.addr4
-        if (guest_addr is None and to_addr is None) or len(self.conns) >= MAX_CONNS:
+        if (guest_addr is None and to_addr is None) or len(self.conns) >= self.max_conns:
             self.counters["limit" if guest_addr or to_addr else "no_guest_addr"] += 1
             _close_abortive(sock)
             return
@@ -735,6 +785,10 @@ class TcpHandler:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
+            _close_abortive(sock)
+            return
+        if not self.fds.take():
+            self.counters["limit"] += 1
             _close_abortive(sock)
             return
         flow = FlowHeader(v6, PROTO_TCP, src, gaddr, peer_port, to_port)
@@ -842,6 +896,7 @@ class TcpHandler:
         conn.state = CLOSED
         self.loop.remove(conn.fd)
         conn.sock.close()
+        self.fds.give()
         conn.sock_event = None
         self.conns.pop(conn.key, None)
         self.timed.discard(conn)
@@ -870,6 +925,9 @@ class TcpHandler:
             self._abort(conn)
         self._tick_timer.cancel()
         self._idle_timer.cancel()
+        if self._more_timer is not None:
+            self._more_timer.cancel()
+        self._more.clear()
 
 
 _ERR = 0x008     # EPOLLERR

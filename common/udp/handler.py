@@ -56,7 +56,9 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+from common import budget
 from common import log as plog
+from common.budget import FdBudget
 from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.guest import GuestState
@@ -64,12 +66,14 @@ from common.listeners import set_freebind
 from common.loop import ERR, IN, Loop
 from common.mapping import AddressMap, forbidden
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
+from common.ratelimit import RateLimited
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
 from common.udp.icmperr import IP_RECVERR, IPV6_RECVERR, error_for_guest, parse_sock_error
 
 log = logging.getLogger("udp")
+_limited = RateLimited(log)      # auto-forwarding follows what the namespace binds
 
 IDLE_TIMEOUT = 30.0            # a flow that only ever went one way
 IDLE_TIMEOUT_REPLIED = 180.0   # a flow that has seen traffic both ways
@@ -147,8 +151,9 @@ class UdpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
                  idle: float = IDLE_TIMEOUT, idle_replied: float = IDLE_TIMEOUT_REPLIED,
-                 expire_scan: float = EXPIRE_SCAN) -> None:
+                 expire_scan: float = EXPIRE_SCAN, fds: FdBudget | None = None) -> None:
         self.conf = conf
+        self.fds = fds or budget.shared()        # outbound flows: one descriptor each
         self.loop = loop
         self.tap = tap
         self.guest = guest
@@ -261,13 +266,14 @@ class UdpHandler:
         if self._bad_destination(v6, raddr):
             self.counters["multicast" if raddr[0] >= 224 else "bad_dst"] += 1
             return None
-        if not self.table.room():
+        if not self.table.room() or not self.fds.take():
             self.counters["limit"] += 1
             return None
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
         try:
             sock = self._socket(v6, gport)
         except OSError as exc:
+            self.fds.give()
             self.counters["socket_fail"] += 1
             log.debug("udp: no socket for a new flow: %s", exc)
             return None
@@ -278,6 +284,7 @@ class UdpHandler:
             if plog.TRACE_ON:
                 log.log(plog.TRACE, "udp: connect to port %d: %s", host_port, exc)
             sock.close()
+            self.fds.give()
             return None
         flow = UdpFlow(key, time.monotonic(), FlowHeader(v6, PROTO_UDP, raddr, gaddr, rport, gport),
                        sock, host_addr)
@@ -493,6 +500,7 @@ class UdpHandler:
             return
         self.loop.remove(flow.fd)
         flow.sock.close()
+        self.fds.give()
 
     def close_all(self) -> None:
         self._timer.cancel()
@@ -589,7 +597,8 @@ def bind_udp(make_socket: SocketFactory, family: int, addr: str, port: int,
     except OSError as exc:
         if strict:
             raise
-        log.warning("cannot create a UDP socket for port %d: %s", port, exc.strerror)
+        _limited.warning("udp-socket", "cannot create a UDP socket for port %d: %s", port,
+                         exc.strerror)
         return None
     try:
         v6 = family == socket.AF_INET6
