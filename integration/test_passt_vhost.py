@@ -273,6 +273,19 @@ RECONNECT = r"""
 udhcpc -i eth0 -n -q >/dev/null 2>&1 || exit 10
 ping -c 1 -W 5 @GW4@ >/dev/null 2>&1; echo "PING-BEFORE=$?"
 echo PASST-CAN-GO > /dev/ttyS0
+# QEMU takes the link down when its back-end goes, and up when it is back
+n=0
+while [ "$(cat /sys/class/net/eth0/carrier)" = 1 ]; do
+    n=$((n+1)); [ $n -gt 300 ] && break
+    usleep 100000
+done
+echo "CARRIER-DOWN-AFTER=$n"
+n=0
+until [ "$(cat /sys/class/net/eth0/carrier)" = 1 ]; do
+    n=$((n+1)); [ $n -gt 300 ] && break
+    usleep 100000
+done
+echo "CARRIER-UP-AFTER=$n"
 n=0
 until ping -c 1 -W 1 @GW4@ >/dev/null 2>&1; do
     n=$((n+1)); [ $n -gt 60 ] && break
@@ -323,6 +336,8 @@ def test_qemu_reconnects_to_a_new_passt(guest_image: GuestImage, tmp_path: Path)
         why = f"{result.console[-3000:]}{logs}\n--- qemu ---\n{result.qemu_stderr[-1000:]}"
         assert "second" in replaced, why
         assert result.exit_code == 0 and v.get("PING-BEFORE") == "0", why
+        assert int(v.get("CARRIER-DOWN-AFTER", "999")) <= 300, why
+        assert int(v.get("CARRIER-UP-AFTER", "999")) <= 300, why
         assert int(v.get("PING-AFTER-TRIES", "99")) <= 60, why
         assert v.get("TCP-DOWN") == EXPECTED_SHA, why
         assert "vhost-user front-end connected" in (tmp_path / "passt2.log").read_text(), why

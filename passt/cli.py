@@ -84,9 +84,13 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None, pid_file: PidFi
     error (one line) propagates.
     """
     from passt.session import Session  # noqa: PLC0415
-    from passt.vhost.session import VhostUserSession  # noqa: PLC0415
 
-    session_class = VhostUserSession if opts.get("vhost_user") else Session
+    session_class = Session
+    if opts.get("vhost_user"):
+        # the vhost-user modules load only in that mode (still before the sandbox)
+        from passt.vhost.session import VhostUserSession  # noqa: PLC0415
+
+        session_class = VhostUserSession
     session = session_class(conf, socket_path=opts.get("socket"), fd=fd,
                             one_off=bool(opts.get("one_off")), owner=run_as)
     try:
