@@ -12,6 +12,9 @@ A backend moves whole Ethernet frames between the guest and us:
   offloaded (the guest verifies them).  Output that the socket cannot take at
   once waits in a bounded queue, flushed on EPOLLOUT (`on_writable`); past the
   bound, `send` drops the frame and returns False.
+- `VhostUserTap` (passt --vhost-user, in `passt/vhost/tap.py`: it needs the
+  vhost-user control plane, which only passt has): frames straight from and
+  into the guest's virtio-net rings in shared memory.
 
 The interface, used by the protocol handlers in `common/`:
 
