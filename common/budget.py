@@ -14,6 +14,11 @@ is refused and counted (`limit`), as when a table is full: running out of
 descriptors is a limit we chose, not a failure.  Each table keeps its own
 maximum too.
 
+Flows the guest opens (its connections and datagrams out, `-T`/`-U` from the
+namespace) may not take the last `host_reserve` descriptors: those are for
+flows the host opens, through forwarded ports, so that a guest flooding us
+with connections to nowhere cannot close the services it publishes.
+
 One budget per process (`shared()`): in passt it outlives guests, whose
 flows all give back what they took when their data plane stops.
 """
@@ -24,6 +29,7 @@ import resource
 
 RESERVE_FIXED = 64              # the tap, epoll, timers, signals, logs, socket pools
 RESERVE_SHARE = 32              # and one descriptor in this many, for listening sockets
+HOST_SHARE = 16                 # of the budget, one descriptor in this many: host-opened only
 
 
 class FdBudget:
@@ -34,11 +40,18 @@ class FdBudget:
                 nofile = 1 << 20
         self.nofile = nofile
         self.limit = max(nofile - RESERVE_FIXED - nofile // RESERVE_SHARE, 0)
+        self.host_reserve = self.limit // HOST_SHARE
         self.used = 0
 
-    def take(self, n: int = 1) -> bool:
-        """Reserve `n` descriptors for a new flow; False (nothing taken) if over budget."""
-        if self.used + n > self.limit:
+    @property
+    def guest_limit(self) -> int:
+        """What flows the guest opens may hold in all."""
+        return self.limit - self.host_reserve
+
+    def take(self, n: int = 1, *, by_guest: bool) -> bool:
+        """Reserve `n` descriptors for a new flow opened by the guest (or by the host, on
+        a forwarded port); False, nothing taken, if over budget."""
+        if self.used + n > (self.limit - self.host_reserve if by_guest else self.limit):
             return False
         self.used += n
         return True

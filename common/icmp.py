@@ -143,7 +143,7 @@ class IcmpHandler:
         if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224):
             self.counters["bad_dst"] += 1
             return None
-        if not self.table.room() or not self.fds.take():
+        if not self.table.room() or not self.fds.take(by_guest=True):
             self.counters["limit"] += 1
             return None
         host_addr, _ = self.map.to_host(v6, raddr, 0)

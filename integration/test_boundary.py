@@ -28,6 +28,7 @@ from integration.rawguest import (
     TapGuest,
     echo_request,
     is_echo_reply,
+    tcp_flags_to,
     tcp_syn,
     udp,
 )
@@ -199,23 +200,27 @@ def test_flow_limits_follow_the_descriptor_limit(topo, procs, tmp_path):
     descriptor budget (counted, answered with a reset), never EMFILE, and new connections
     work again once the guest closes its own."""
     from common.budget import FdBudget
-    from common.packet.tcp import RST
+    from common.packet.tcp import RST, SYN
 
     nofile, n = 300, 300
-    limit = FdBudget(nofile).limit               # nothing but these connections holds any
+    limit = FdBudget(nofile).guest_limit         # nothing but these connections holds any
     hold = procs.start(topo.host.cmd(sys.executable, "-c", HOLD, str(PORT)), text=True)
     assert hold.stdout.readline().strip() == "listening"
     with socket_dir() as d:
         path = str(d / "passt.socket")
         prog = procs.start(topo.host.cmd("prlimit", f"--nofile={nofile}:{nofile}", "--",
-                                         *our_command("passt"), "-f", "-d", "-s", path),
-                           text=True)
+                                         *our_command("passt"), "-f", "-d", "-s", path,
+                                         "-t", str(FWD)), text=True)
         guest = PasstGuest(path, timeout=20)
         try:
             for sport in range(30000, 30000 + n):
                 guest.send(tcp_syn(BCAST_MAC, GUEST_MAC, HOST4, GW4, sport, PORT))
             frames = guest.recv(3.0)
             synacks = len({_synack_port(f) for f in frames} - {None})   # (and resent)
+            # the guest's share is spent, the host's reserve is not: a forwarded port
+            # still takes connections to the guest
+            topo.host.run(sys.executable, "-c", POKE, str(FWD))
+            forwarded = [f for f in guest.recv(1.0) if tcp_flags_to(f, FWD) == SYN]
             for sport in range(30000, 30000 + n):        # the guest gives up on all of them
                 guest.send(_tcp(GUEST_MAC, HOST4, GW4, sport, PORT, 1001, RST))
             guest.recv(0.5)
@@ -231,6 +236,15 @@ def test_flow_limits_follow_the_descriptor_limit(topo, procs, tmp_path):
     assert tcp.get("limit") == n - limit, tcp
     assert "socket_fail" not in tcp and "Too many open files" not in err, err[-2000:]
     assert again, "a new connection after the guest closed its own"
+    assert forwarded, "a forwarded port's connection reached the guest"
+
+
+FWD = 7202
+POKE = """
+import socket, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3)
+s.close()
+"""
 
 
 def _tcp(mac: bytes, src: str, dst: str, sport: int, dport: int, seq: int, flags: int) -> bytes:

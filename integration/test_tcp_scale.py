@@ -16,8 +16,20 @@ from integration.conftest import GW4
 
 FLOOD = str(Path(__file__).with_name("connflood.py"))
 COUNT = 3000
-FD_LIMIT = COUNT + 200          # pasta's descriptor limit: room for COUNT and a little more
 EXTRA = 400                     # then more connections than that room
+
+
+def _fd_limit() -> int:
+    """pasta's descriptor limit: room for COUNT connections from the guest and a little
+    more (its share of the budget, common.budget, after the reserves)."""
+    from common.budget import FdBudget
+    n = COUNT
+    while FdBudget(n).guest_limit < COUNT + 100:
+        n += 50
+    return n
+
+
+FD_LIMIT = _fd_limit()
 
 
 def rss_kib(pid: int) -> int:

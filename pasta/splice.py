@@ -166,7 +166,8 @@ class Splicer:
 
     def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int],
                inbound: bool = True) -> None:
-        if len(self.conns) >= self.max_conns or not self.fds.take(FDS_PER_CONN):
+        if (len(self.conns) >= self.max_conns
+                or not self.fds.take(FDS_PER_CONN, by_guest=not inbound)):
             self.counters["limit"] += 1
             b.close()
             self._refuse(a)

@@ -138,7 +138,7 @@ class UdpSplicer:
                 self.counters["no_ns_addr"] += 1
                 return
             flow = self._open(listener.fd, listener.sock, listener, peer, family,
-                              listener.to_port, self._ns_sock, dest)
+                              listener.to_port, self._ns_sock, dest, False)
             if flow is None:
                 return
         self._forward(flow, data)
@@ -161,7 +161,7 @@ class UdpSplicer:
             flow = peers.get(peer) if peers is not None else None
             if flow is None:
                 flow = self._open(lst.fd, lst.sock, lst, peer, lst.family, lst.to_port,
-                                  self._host_sock, LOOPBACK[lst.family])
+                                  self._host_sock, LOOPBACK[lst.family], True)
                 if flow is None:
                     continue
                 peers = self._peers[lst.fd]
@@ -187,8 +187,8 @@ class UdpSplicer:
 
     def _open(self, fd: int, back: socket.socket, owner: object, peer: tuple, family: int,
               to_port: int, make: Callable[[int], socket.socket],
-              addr: str) -> SpliceFlow | None:
-        if not self.table.room() or not self.fds.take():
+              addr: str, by_guest: bool) -> SpliceFlow | None:
+        if not self.table.room() or not self.fds.take(by_guest=by_guest):
             self.counters["limit"] += 1
             return None
         try:

@@ -271,10 +271,14 @@ def test_descriptor_budget():
     for nofile in (256, 1024, 3200, 65536, 1 << 20):
         b = FdBudget(nofile)
         assert RESERVE_FIXED < nofile - b.limit <= RESERVE_FIXED + nofile // 16, (nofile, b)
-    b = FdBudget(256)
-    assert b.take(b.limit - 6) and b.take(6) and not b.take() and b.used == b.limit
+        assert 0 < b.host_reserve < b.limit // 8
+    b = FdBudget(1024)
+    # the guest's flows stop short of the host's reserve; forwarded ports still get theirs
+    assert b.take(b.guest_limit - 6, by_guest=True) and b.take(6, by_guest=True)
+    assert not b.take(by_guest=True) and b.used == b.guest_limit
+    assert b.take(b.host_reserve, by_guest=False) and not b.take(by_guest=False)
     b.give(6)
-    assert not b.take(7) and b.take(6)
+    assert not b.take(7, by_guest=False) and b.take(6, by_guest=False)
 
 
 def test_flows_take_descriptors_from_the_budget_and_give_them_back(server):
@@ -286,7 +290,8 @@ def test_flows_take_descriptors_from_the_budget_and_give_them_back(server):
         before = fds.used
         establish(g, port)
         assert fds.used == before + 1
-        saved, fds.limit = fds.limit, fds.used          # nothing left
+        saved = fds.limit, fds.host_reserve
+        fds.limit, fds.host_reserve = fds.used, 0        # nothing left
         try:
             g.send(port, ISN, 0, SYN, sport=40001)
             rst = [t for t, _ in g.frames() if t.dport == 40001]
@@ -296,7 +301,7 @@ def test_flows_take_descriptors_from_the_budget_and_give_them_back(server):
             g.dp.demux(memoryview(udp))
             assert g.dp.udp.counters["limit"] == 1 and not g.dp.udp.flows
         finally:
-            fds.limit = saved
+            fds.limit, fds.host_reserve = saved
         g.dp.stop()
         assert fds.used == before
     finally:

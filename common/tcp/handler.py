@@ -234,7 +234,7 @@ class TcpHandler:
         except MalformedPacket:
             self.counters["malformed"] += 1
             return
-        if not self.fds.take():
+        if not self.fds.take(by_guest=True):
             self.counters["limit"] += 1
             self._rst_for_syn(v6, frame, l3, l4, seq)
             return
@@ -787,7 +787,7 @@ class TcpHandler:
         except OSError:
             _close_abortive(sock)
             return
-        if not self.fds.take():
+        if not self.fds.take(by_guest=False):
             self.counters["limit"] += 1
             _close_abortive(sock)
             return

@@ -266,7 +266,7 @@ class UdpHandler:
         if self._bad_destination(v6, raddr):
             self.counters["multicast" if raddr[0] >= 224 else "bad_dst"] += 1
             return None
-        if not self.table.room() or not self.fds.take():
+        if not self.table.room() or not self.fds.take(by_guest=True):
             self.counters["limit"] += 1
             return None
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
