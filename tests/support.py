@@ -92,8 +92,8 @@ def parse_frame(frame: bytes):
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
 
 
-def in_fresh_netns(fn, ping_groups: str | None = None):
-    """fn() in a thread with a network namespace of its own."""
+def in_fresh_netns(fn, ping_groups: str | None = None, timeout: float = 30):
+    """fn() in a thread with a network namespace of its own (at most `timeout` s)."""
     out: dict = {}
 
     def body() -> None:
@@ -113,7 +113,9 @@ def in_fresh_netns(fn, ping_groups: str | None = None):
 
     t = threading.Thread(target=body)
     t.start()
-    t.join(30)
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{fn!r} still running after {timeout} s")
     if "error" in out:
         raise out["error"]
     return out.get("value")
