@@ -13,6 +13,7 @@ import logging.handlers
 import os
 import sys
 
+from common import report
 from common.conf import LogConfig
 from common.files import open_for_write
 
@@ -82,6 +83,21 @@ def setup(conf: LogConfig, prog: str) -> None:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(sh)
+    if not conf.file:
+        root.addHandler(_SyslogWhenNobodyReads(prog))
+
+
+class _SyslogWhenNobodyReads(logging.Handler):
+    """Errors go to syslog when they have no log file and our stderr reached nobody
+    (libvirt 9.0 gives us a pipe whose reader is gone)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(logging.ERROR)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if report.broken():
+            report.to_syslog(self.prog, record.getMessage())
 
 
 def detach(conf: LogConfig, prog: str) -> None:

@@ -377,7 +377,9 @@ def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         opts = parse_args(mode, sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        print(f"{mode}: {exc}", file=sys.stderr)
+        from common import report  # noqa: PLC0415
+
+        report.error(mode, str(exc))
         raise SystemExit(1) from None
     if opts["help"]:
         sys.stdout.write(render_help(mode))
@@ -386,26 +388,39 @@ def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def program_main(mode: str, argv: Sequence[str] | None,
-                 run: Callable[[dict[str, Any], Any], int]) -> int:
-    """The whole of `pasta`/`passt`: parse, --version, run(opts, helper), one-line errors.
+                 run: Callable[[dict[str, Any], Any], int],
+                 early: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The whole of `pasta`/`passt`: parse, --version, early(opts), run(opts, helper),
+    one-line errors (common.report: stderr, the log file, syslog).
 
-    The netlink helper (pyroute2) is forked first so that it loads while we
-    parse; it is always closed on the way out.
+    `early` is what must happen within milliseconds of exec, before anything
+    slow is imported (passt binds its socket there).  Then the netlink helper
+    (pyroute2) is forked, so that it loads while we import the rest; it is
+    always closed on the way out.
     """
+    from common import report  # noqa: PLC0415
+
+    report.protect_stderr()
+    opts = main_parse(mode, argv)
+    if opts.get("version"):
+        print(f"{mode} {VERSION} (passt for Python)")
+        return 0
+    log_file = opts.get("log_file")
+    if early is not None:
+        try:
+            early(opts)
+        except report.SetupError as exc:
+            report.error(mode, str(exc), log_file)
+            return 1
     from common.conf import ConfigError  # noqa: PLC0415
     from common.helper import Helper, HelperError  # noqa: PLC0415
-    from common.process import SetupError  # noqa: PLC0415
 
     helper = Helper(preload="pyroute2")
     try:
-        opts = main_parse(mode, argv)
-        if opts.get("version"):
-            print(f"{mode} {VERSION} (passt for Python)")
-            return 0
         try:
             return run(opts, helper)
-        except (SetupError, ConfigError, HelperError) as exc:
-            print(f"{mode}: {exc}", file=sys.stderr)
+        except (report.SetupError, ConfigError, HelperError) as exc:
+            report.error(mode, str(exc), log_file)
             return 1
     finally:
         helper.close()

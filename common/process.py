@@ -16,17 +16,17 @@ import os
 import sys
 from typing import TYPE_CHECKING, Protocol
 
+from common.report import SetupError
+
 if TYPE_CHECKING:
     from common.conf import Config
+
+__all__ = ["PidFile", "Readiness", "SetupError", "begin", "daemonize", "serve"]
 
 
 class Served(Protocol):
     def run(self) -> int: ...
     def close(self) -> None: ...
-
-
-class SetupError(Exception):
-    """Set-up failed; the message is one line."""
 
 
 class Readiness:

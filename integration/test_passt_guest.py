@@ -44,6 +44,8 @@ SEED = 5
 DNS4, DNS6, SEARCH = "10.77.0.53", "fd77::53", "example.test"
 REMOTE4, REMOTE6 = "10.77.1.1", "fd77:1::1"
 GUEST_MAC = "52:54:00:12:34:56"
+# what passt says once it serves (its socket listens earlier, and qrap's probe waits 0.5 s)
+READY_TEXT = "UNIX domain socket bound at"
 SERVICES = Path(__file__).with_name("test_passt_services.py")
 EXPECTED_SHA = hashlib.sha256(payload(SEED, SIZE)).hexdigest()
 
@@ -228,7 +230,7 @@ def boot(image: GuestImage, transport: str, work: Path,
             passt_args = ("--vhost-user", *passt_args)
         cmd = [*up.exec_prefix(), *passt, "-f", "-d", "--one-off",
                "-t", "10022:2222,10023:2223", "-s", str(sock), *passt_args]
-        proc = stack.enter_context(daemon(cmd, log, ready=sock))
+        proc = stack.enter_context(daemon(cmd, log, ready=sock, ready_text=READY_TEXT))
         clients = forward_clients(up, results, work / "clients.log")
         script = guest_script(up)
         started = time.monotonic()

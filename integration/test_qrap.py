@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import GW4, HOST4, our_command, wait_for
+from integration.conftest import GW4, HOST4, our_command
 from integration.guest.hostnet import socket_dir
 
 CLIENT = r"""
@@ -65,10 +65,20 @@ def in_private_tmp(ns, tmpdir: Path, *cmd: str) -> list[str]:
                   'mount --bind "$0" /tmp && exec "$@"', str(tmpdir), *cmd)
 
 
+def wait_serving(p) -> None:
+    """Until passt says it serves: its socket listens long before, and qrap's probe
+    gives up after 0.5 s."""
+    while True:
+        line = p.stderr.readline()
+        assert line, f"passt exited ({p.wait()}) before serving"
+        if b"UNIX domain socket bound at" in line:
+            return
+
+
 def start_passt(topo, procs, tmpdir: Path, passt: list[str]):
     p = procs.start(in_private_tmp(topo.host, tmpdir, *passt, "-f", "-s",
                                    "/tmp/passt_1.socket"))
-    wait_for(lambda: (tmpdir / "passt_1.socket").exists(), what="the passt socket")
+    wait_serving(p)
     return p
 
 
@@ -129,12 +139,12 @@ def test_our_qrap_skips_busy_and_dead_sockets(topo, procs, private_tmp, client):
     passt = our_command("passt")
     p2 = procs.start(in_private_tmp(topo.host, private_tmp, *passt, "-f", "-s",
                                     "/tmp/passt_2.socket"))
-    wait_for(lambda: (private_tmp / "passt_2.socket").exists(), what="passt_2")
+    wait_serving(p2)
     busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     busy.connect(str(private_tmp / "passt_2.socket"))
     p3 = procs.start(in_private_tmp(topo.host, private_tmp, *passt, "-f", "-s",
                                     "/tmp/passt_3.socket"))
-    wait_for(lambda: (private_tmp / "passt_3.socket").exists(), what="passt_3")
+    wait_serving(p3)
     try:
         r = run_qrap(topo, private_tmp, our_command("qrap"), client)
         assert r.returncode == 0, r.stderr

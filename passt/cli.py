@@ -2,36 +2,57 @@
 
     passt [OPTIONS]
 
-The order of start-up matters and is spelled out in `run` and `start_up`: everything that
-can be refused because of bad input is refused before anything is created;
-we fork into the background (unless -f) before creating anything, so that
-the parent can report set-up failures with the child's exit status; the
-socket and the forwarded ports are bound while we may still be root; the
-pid file is written and privileges are dropped before the first guest is
-served; the parent exits 0 only once the socket is listening (libvirt
-starts QEMU as soon as passt returns).
+The order of start-up matters and is spelled out in `listen_early`, `run`
+and `start_up`: the guest socket listens first of all, within milliseconds
+of exec and before anything slow is imported (QEMU may connect at once; it
+waits in the backlog); then what can be refused because of bad input is
+refused; we fork into the background (unless -f), so that the parent can
+report set-up failures with the child's exit status; the forwarded ports
+are bound while we may still be root; the pid file is written and
+privileges are dropped before the first guest is served; the parent exits
+0 only once everything is set up (libvirt starts QEMU as soon as passt
+returns), and the PID that stays is the one in the pid file.  Start-up
+errors go to stderr, the log file and, if nobody reads stderr, syslog
+(common.report).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from typing import TYPE_CHECKING, Any
 
-from common import log as logsetup
-from common.conf import Config, describe, host_config
-from common.helper import Helper
 from common.options import program_main
-from common.process import PidFile, Readiness, SetupError, begin, daemonize, serve
-from passt.vhost.protocol import capabilities_json
+from common.report import SetupError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
+    from common.conf import Config
+    from common.helper import Helper
+    from common.process import PidFile
     from passt.session import Session
 
-log = logging.getLogger("passt")
 
 def main(argv: list[str] | None = None) -> int:
-    return program_main("passt", argv, run)
+    return program_main("passt", argv, run, early=listen_early)
+
+
+def listen_early(opts: dict[str, Any]) -> None:
+    """Bind and listen on the guest socket first of all, within milliseconds of exec.
+
+    libvirt 9.0, and scripts that run `passt &` then QEMU, start QEMU a few
+    milliseconds after us without waiting, and QEMU 7.2 connects once: the
+    socket must listen before anything slow (imports, host discovery).  A
+    guest that connects now waits in the backlog until we serve it.
+    """
+    if opts.get("fd") is not None or opts.get("print_capabilities"):
+        return
+    from passt.sockpath import SocketPathError, bind_socket  # noqa: PLC0415
+
+    try:
+        opts["bound_socket"] = bind_socket(opts.get("socket"))
+    except SocketPathError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def parse_fd(text: str | None) -> int | None:
@@ -43,7 +64,37 @@ def parse_fd(text: str | None) -> int | None:
 
 
 def run(opts: dict[str, Any], helper: Helper) -> int:
+    bound = opts.pop("bound_socket", None)
+    try:
+        return _run(opts, helper, bound)
+    finally:
+        if bound is not None:          # not taken over by a session: close and remove it
+            _discard(*bound)
+
+
+def _discard(raw: Any, path: str) -> None:
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    if raw.fileno() < 0:
+        return
+    raw.close()
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _run(opts: dict[str, Any], helper: Helper, bound: tuple[Any, str] | None) -> int:
+    from common import log as logsetup  # noqa: PLC0415
+    from common import report  # noqa: PLC0415
+    from common.conf import host_config  # noqa: PLC0415
+    from common.process import Readiness, begin, daemonize, serve  # noqa: PLC0415
+
     if opts.get("print_capabilities"):
+        from passt.vhost.protocol import capabilities_json  # noqa: PLC0415
+
         print(capabilities_json())
         return 0
     if opts.get("vhost_user") and sys.byteorder != "little":
@@ -61,10 +112,11 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
         readiness = daemonize()
 
     try:
-        session = start_up(conf, opts, fd, pid_file, run_as)
+        session = start_up(conf, opts, fd, bound, pid_file, run_as)
     except (SetupError, OSError) as exc:
         pid_file.remove()
-        print(f"passt: {exc}", file=sys.stderr)
+        report.error("passt", exc.strerror if isinstance(exc, OSError) and exc.strerror
+                     else str(exc), conf.log.file)
         readiness.failed(1)
         return 1
 
@@ -75,7 +127,8 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
     return serve(session, pid_file, "passt")
 
 
-def start_up(conf: Config, opts: dict[str, Any], fd: int | None, pid_file: PidFile,
+def start_up(conf: Config, opts: dict[str, Any], fd: int | None,
+             bound: tuple[Any, str] | None, pid_file: PidFile,
              run_as: tuple[int, int] | None) -> Session:
     """The whole start-up: set-up, then checks, in order.
 
@@ -83,15 +136,19 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None, pid_file: PidFi
     parent is told we are ready; on failure what exists is undone and the
     error (one line) propagates.
     """
+    import logging  # noqa: PLC0415
+
+    from common.conf import describe  # noqa: PLC0415
     from passt.session import Session  # noqa: PLC0415
 
+    log = logging.getLogger("passt")
     session_class = Session
     if opts.get("vhost_user"):
         # the vhost-user modules load only in that mode (still before the sandbox)
         from passt.vhost.session import VhostUserSession  # noqa: PLC0415
 
         session_class = VhostUserSession
-    session = session_class(conf, socket_path=opts.get("socket"), fd=fd,
+    session = session_class(conf, socket_path=opts.get("socket"), bound=bound, fd=fd,
                             one_off=bool(opts.get("one_off")), owner=run_as)
     try:
         # set-up: capture file, the guest socket, listeners, signals

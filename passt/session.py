@@ -39,6 +39,7 @@ from common.ratelimit import RateLimited
 from common.tap import StreamTap
 from passt.forwarding import PasstForwarding
 from passt.sockpath import (
+    BACKLOG,
     SocketPathError,
     bind_socket,
     give_socket,
@@ -73,12 +74,14 @@ def adopt_fd(fd: int) -> socket.socket:
 
 class Session:
     def __init__(self, conf: Config, *, socket_path: str | None = None,
+                 bound: tuple[object, str] | None = None,
                  fd: int | None = None, one_off: bool = False,
                  owner: tuple[int, int] | None = None, loop: Loop | None = None) -> None:
         """`owner`: the uid/gid we will run as, who must own the socket."""
         self.conf = conf
         self.loop = loop or Loop()
         self.socket_path = socket_path
+        self.bound = bound               # (listening socket, path), bound by the caller
         self.fd = fd
         self.one_off = one_off or fd is not None
         self.owner = owner
@@ -98,18 +101,18 @@ class Session:
 
     def setup(self) -> None:
         raise_fd_limit()
-        if self.conf.pcap:
-            try:
-                self.pcap = Pcap(self.conf.pcap)
-            except OSError as exc:
-                raise SetupError(exc.strerror) from None
         if self.fd is not None:
             self._adopted = adopt_fd(self.fd)
         else:
             try:
-                self.listener, self.path = bind_socket(self.socket_path)
+                raw, self.path = self.bound or bind_socket(self.socket_path)
             except SocketPathError as exc:
                 raise SetupError(str(exc)) from None
+            self.bound = None
+            self.listener = socket.socket(fileno=raw.detach())
+            # again, from the process that stays (we may have daemonised since): a
+            # client reading SO_PEERCRED, a second passt naming the holder, sees us
+            self.listener.listen(BACKLOG)
             st = os.lstat(self.path)
             self._ino = (st.st_dev, st.st_ino)
             if self.owner is not None and (st.st_uid, st.st_gid) != self.owner:
@@ -120,6 +123,11 @@ class Session:
                 except OSError as exc:
                     log.warning("cannot hand socket %s to uid %d: %s", self.path,
                                 self.owner[0], exc.strerror)
+        if self.conf.pcap:
+            try:
+                self.pcap = Pcap(self.conf.pcap)
+            except OSError as exc:
+                raise SetupError(exc.strerror) from None
         self.forwarding = PasstForwarding(self.conf, self.loop, lambda: self.dataplane)
         try:
             self.forwarding.start()
@@ -236,6 +244,15 @@ class Session:
         return self.loop.run()
 
     def close(self) -> None:
+        if self.bound is not None:       # bound for us, never taken over: ours to remove
+            raw, path = self.bound
+            self.bound = None
+            raw.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
         if self.control is not None:
             self.control.close()
             self.control = None

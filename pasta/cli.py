@@ -22,6 +22,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from common import log as logsetup
+from common import report
 from common.conf import Config, ConfigError, describe, host_config
 from common.helper import Helper, HelperError
 from common.options import program_main
@@ -95,7 +96,8 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
     try:
         session = start_up(conf, opts, target, helper, pid_file, run_as, spawned)
     except (SetupError, ConfigError, HelperError, NamespaceError, OSError) as exc:
-        print(f"pasta: {exc}", file=sys.stderr)
+        report.error("pasta", exc.strerror if isinstance(exc, OSError) and exc.strerror
+                     else str(exc), conf.log.file)
         if spawned is not None:
             spawned.abort()
         pid_file.remove()

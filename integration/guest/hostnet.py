@@ -93,9 +93,13 @@ def socket_dir(parent: str | Path | None = None) -> Iterator[Path]:
 
 @contextmanager
 def daemon(cmd: Sequence[str], log: Path, ready: Path | None = None,
-           ready_timeout: float = 10.0) -> Iterator[subprocess.Popen]:
+           ready_timeout: float = 10.0,
+           ready_text: str | None = None) -> Iterator[subprocess.Popen]:
     """Run cmd with stdout and stderr to `log`; if `ready` is given, wait until that path
-    exists. On exit, SIGTERM then SIGKILL the process by PID if it still runs."""
+    exists, and if `ready_text` is, until the log says it too (our passt's socket
+    listens long before it serves: a client with a short timeout, as qrap's probe,
+    must wait for "UNIX domain socket bound at").  On exit, SIGTERM then SIGKILL the
+    process by PID if it still runs."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
@@ -107,6 +111,16 @@ def daemon(cmd: Sequence[str], log: Path, ready: Path | None = None,
                                        f"{ready} appeared:\n{log.read_text(errors='replace')}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{ready} did not appear within {ready_timeout} s")
+                time.sleep(0.05)
+        if ready_text is not None:
+            deadline = time.monotonic() + ready_timeout
+            while ready_text not in log.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited ({proc.returncode}) before saying "
+                                       f"{ready_text!r}:\n{log.read_text(errors='replace')}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{cmd[0]} did not say {ready_text!r} within "
+                                       f"{ready_timeout} s")
                 time.sleep(0.05)
         yield proc
     finally:
