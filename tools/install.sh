@@ -15,7 +15,10 @@ fi
 [ -x "$PREFIX/bin/python" ] || /usr/bin/python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install -q --upgrade pip >/dev/null
 if [ "${1:-}" = "--editable" ]; then
-    "$PREFIX/bin/pip" install -q -e ".[test]"
+    # compat: a plain path entry. The default (a finder module that site imports) costs
+    # 15-50 ms at every start of pasta/passt, which passt's start-up (listening within
+    # 30 ms, see integration/bench/passt_startup.py) cannot afford, even in development
+    "$PREFIX/bin/pip" install -q -e ".[test]" --config-settings editable_mode=compat
 else
     "$PREFIX/bin/pip" install -q ".[test]"
 fi
