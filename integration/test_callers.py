@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -249,6 +250,23 @@ def test_rootlesskit_detached_netns_form(topo, procs, pasta, test_user, child, d
                             "--mode", "send", "--size", str(MIB), "--seed", "4"), check=False)
     assert json.loads(r.stdout.splitlines()[-1])["ok"], r.stdout + r.stderr
     server_results(srv)
+
+
+def test_netns_given_as_a_proc_path(topo, procs, pasta, test_user, child):
+    """`--userns=/proc/PID/ns/user --netns=/proc/PID/ns/net`, rootless (as scripts and
+    rootlesskit's non-detached mode name a namespace): we serve it for as long as its
+    process lives, and end when it ends."""
+    argv = [*pasta, *rootlesskit_argv(implicit_ports=False),
+            f"--userns=/proc/{child}/ns/user", f"--netns=/proc/{child}/ns/net"]
+    r = run(as_test_user(topo, test_user, *argv), check=False, timeout=30)
+    adopt_pastas(procs, f"--netns=/proc/{child}/ns/net")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ours = procs.pids[-1]
+    time.sleep(2)            # it used to give up here: the periodic stat() was refused
+    assert pid_alive(ours)
+    check_child(topo, procs, child, 5)
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(ours), timeout=2, what="pasta to exit with its namespace")
 
 
 # ---------------------------------------------------------------- podman

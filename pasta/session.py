@@ -35,7 +35,7 @@ from pasta.forwarding import PastaForwarding
 from pasta.ns import Target
 from pasta.nsthread import NsThread
 from pasta.tapdev import TapError, open_tap
-from pasta.watch import NetnsFileWatch, ProcessWatch
+from pasta.watch import NetnsFileWatch, ProcessWatch, proc_ns_owner
 
 log = logging.getLogger("pasta")
 
@@ -159,7 +159,10 @@ class Session:
             self.ns.call(isolation.drop_capabilities)
 
     def watch_target(self) -> None:
-        if self.target.netns_path and not self.opts.get("no_netns_quit"):
+        owner = proc_ns_owner(self.target.netns_path) if self.target.netns_path else None
+        if owner is not None and not self.opts.get("no_netns_quit"):
+            self._watches.append(ProcessWatch(self.loop, owner, lambda: self._owner_exited(owner)))
+        elif self.target.netns_path and not self.opts.get("no_netns_quit"):
             try:
                 self._netns_watch = NetnsFileWatch(self.loop, self.target.netns_path,
                                                    self.target.netns_fd,
@@ -179,6 +182,11 @@ class Session:
                 isolation.check_as(run_as, self._netns_watch.verify)
             except OSError as exc:
                 raise SetupError(exc.strerror) from None
+
+    def _owner_exited(self, pid: int) -> None:
+        log.info("process %d exited, namespace file %s is gone, exiting", pid,
+                 self.target.netns_path)
+        self.loop.stop(0)
 
     def _target_exited(self) -> None:
         log.info("process %d exited, exiting", self.target.pid)

@@ -6,13 +6,17 @@ with inotify (any event about that name triggers a check) and, as a safety
 net for an unmount without removal, re-check once a second; the namespace is
 gone when PATH no longer exists or no longer is the nsfs inode we opened.
 For a PID target (or a spawned command) a pidfd tells us when the process
-exits.
+exits.  So does a `--netns /proc/PID/ns/net` path (rootlesskit and scripts pass
+those): such a file lives exactly as long as its process, procfs sends no
+inotify events, and once we have joined the process's user namespace and
+given up our capabilities the kernel may refuse us a stat() of it anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 
 from inotify_simple import INotify, flags
@@ -20,6 +24,14 @@ from inotify_simple import INotify, flags
 from common.loop import IN, Loop
 
 log = logging.getLogger("watch")
+
+_PROC_NS = re.compile(r"/proc/(\d+)(?:/task/\d+)?/ns/[^/]+")
+
+
+def proc_ns_owner(path: str) -> int | None:
+    """The PID whose namespace file `path` is (/proc/PID/ns/NAME), else None."""
+    match = _PROC_NS.fullmatch(os.path.normpath(path))
+    return int(match.group(1)) if match else None
 
 
 class NetnsFileWatch:
