@@ -43,6 +43,7 @@ def main() -> int:
         "sent": rep.sent, "frames_in": rep.frames_in, "frames_out": rep.frames_out,
         "exceptions_escaping_handlers": rep.exceptions, "errors": rep.errors,
         "flows_left_after_expiry": rep.flows_left, "descriptors_left": rep.fds_left,
+        "budget_left": rep.budget_left, "budget": rep.budget,
         "rss_mib": {"first": round(rss[0] / 1024, 1), "after_first_tenth": round(tenth / 1024, 1),
                     "max": round(max(rss) / 1024, 1), "last": round(rss[-1] / 1024, 1)},
         "echo": rep.echo, "made": rep.made,
@@ -52,7 +53,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({**summary, "rss_kib": rep.rss_kib, "counters": rep.counters}, f,
                       indent=1)
-    ok = rep.exceptions == 0 and not any(rep.flows_left.values()) and rep.fds_left == 0
+    ok = (rep.exceptions == 0 and not any(rep.flows_left.values()) and rep.fds_left == 0
+          and rep.budget_left == 0)
     return 0 if ok else 1
 
 
