@@ -733,3 +733,24 @@ def test_reset_device_starts_over(server: Server, guest: Guest) -> None:
     guest.post_rx(4)
     guest.send_frame(arp_request(GW4))
     check_arp_reply(frames_in(guest)[0][1], GW4)
+
+
+def test_a_driver_resetting_in_a_loop_does_not_flood_the_log(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """What the guest's driver does as often as it likes (features again, device resets,
+    requests we refuse) is said at most about once a second each."""
+    g = server.connect()
+    try:
+        g.negotiate()
+        start = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="vhost"):
+            for _ in range(200):
+                assert g.fe.ack(Req.SET_FEATURES, U64.pack(g.features)) == 0
+                assert g.fe.ack(Req.RESET_DEVICE) == 0
+                assert g.fe.ack(Req.SET_FEATURES, U64.pack(1 << 63)) != 0
+        elapsed = time.monotonic() - start
+        lines = [r for r in caplog.records if r.name == "vhost"]
+        assert len(lines) <= 3 * (2 + elapsed), [r.getMessage() for r in lines[:10]]
+        assert g.fe.u64(Req.GET_FEATURES)
+    finally:
+        g.close()

@@ -150,13 +150,15 @@ class VhostUserConnection:
             wanted = (dev.hdr_len, dev.guest_offload, dev.has(P.F.NET_MRG_RXBUF))
             if current == wanted:
                 return
-            log.info("vhost-user: the guest's driver changed its features: flows start over")
+            self.device.limited.log("features changed", logging.INFO,
+                         "vhost-user: the guest's driver changed its features: flows start over")
             self._stop_dataplane()
         self.tap = VhostUserTap(dev, self.loop, self.pcap)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf))
         self.dataplane.on_tap_gone = lambda: None      # the control socket says when
         self.dataplane.start()
-        log.info("vhost-user: guest link up (%s offloads, %s receive buffers)",
+        self.device.limited.log("link up", logging.INFO,
+                     "vhost-user: guest link up (%s offloads, %s receive buffers)",
                  "checksum and segmentation" if self.tap.csum_offload else "no",
                  "mergeable" if self.tap.mrg_rxbuf else "single")
         self.on_dataplane(self.dataplane)

@@ -36,6 +36,7 @@ import os
 import select
 from collections.abc import Callable
 
+from common.ratelimit import RateLimited
 from passt.vhost import protocol as P
 from passt.vhost.memory import GuestMemory, MemoryMapError
 from passt.vhost.protocol import PF, F, Message, Req, bits
@@ -68,7 +69,10 @@ class VhostUserDevice:
         self.protocol_features = 0
         self.owner = False
         self.mem = GuestMemory()
-        self.queues = [Virtqueue(i) for i in range(QUEUES)]
+        # how often most of what we log happens is the guest driver's choice: said at
+        # most about once a second per kind, for the life of this front-end
+        self.limited = RateLimited(log)
+        self.queues = [Virtqueue(i, self.limited) for i in range(QUEUES)]
         self.epoll = select.epoll()           # kick eventfds of started queues
         self.on_change = on_change or (lambda: None)
         self.messages = 0
@@ -137,7 +141,7 @@ class VhostUserDevice:
             out = handler(msg)
         except Failed as exc:
             status = 1
-            log.warning("vhost-user %s failed: %s", msg.name, exc)
+            self.limited.warning("failed", "vhost-user %s failed: %s", msg.name, exc)
             if msg.request == Req.GET_CONFIG:
                 out = b""                 # an empty configuration says "failed"
             elif msg.request in _OWN_REPLY:
@@ -162,7 +166,8 @@ class VhostUserDevice:
         if value & (1 << F.VERSION_1) == 0 and value & (1 << F.RING_EVENT_IDX):
             log.debug("vhost-user: legacy driver")
         self.features = value
-        log.info("vhost-user: features %#x (%s)", value, describe_features(value))
+        self.limited.log("features", logging.INFO, "vhost-user: features %#x (%s)", value,
+                     describe_features(value))
         self._remap()
 
     def _set_owner(self, _msg: Message) -> None:
@@ -308,7 +313,7 @@ class VhostUserDevice:
         raise Failed("no configuration space (CONFIG was not offered)")
 
     def _reset_device(self, _msg: Message) -> None:
-        log.info("vhost-user: device reset")
+        self.limited.log("reset", logging.INFO, "vhost-user: device reset")
         self.reset()
 
     def _get_max_mem_slots(self, _msg: Message) -> bytes:

@@ -39,6 +39,7 @@ import logging
 import os
 import struct
 
+from common.ratelimit import RateLimited
 from passt.vhost.memory import BadAddress, GuestMemory
 
 log = logging.getLogger("vhost")
@@ -73,7 +74,8 @@ class RingError(Exception):
 
 
 class Virtqueue:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, limited: RateLimited | None = None) -> None:
+        self.limited = limited or RateLimited(log)
         self.index = index
         self.name = "RX" if index % 2 == 0 else "TX"
         self.kick_fd: int | None = None
@@ -498,7 +500,8 @@ class Virtqueue:
         """Stop the queue for good (until reconfigured): one log line, the error eventfd."""
         self.broken = True
         self.errors += 1
-        log.error("vhost-user %s queue stopped: %s", self.name, exc)
+        self.limited.log(self.name + " stopped", logging.ERROR, "vhost-user %s queue stopped: %s",
+                     self.name, exc)
         if self.err_fd is not None:
             try:
                 os.eventfd_write(self.err_fd, 1)
