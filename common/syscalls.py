@@ -1,0 +1,71 @@
+"""The system calls pasta and passt may make once set-up is over: the seccomp allow-list.
+
+This is the one place to look for what the sandboxed process can do, and the
+one place to change it.  Anything not listed here kills the process (in debug
+mode: names the call, then exits).  The lists were derived by measurement:
+`tools/syscall-census.sh` runs the integration suite with every pasta and
+passt under `strace -ff` and counts the calls each made after it installed
+its filter; the whole suite then runs with the filter on (see
+/work/team/notes/sandbox.md for the last census).
+
+Adding a call: put it in the list of the mode that needs it (COMMON if both),
+with a comment when the reason is not obvious from the name, and run the
+integration tests of that path.  What the process needs beyond system calls
+(modules, files, devices) must be imported or opened before the sandbox:
+see `common.sandbox`.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from common.seccomp import Rule
+
+# Calls of the data plane and of the Python runtime under it, both modes.
+COMMON: tuple[Rule, ...] = (
+    # the event loop
+    Rule("epoll_wait"), Rule("epoll_pwait"), Rule("epoll_ctl"),
+    Rule("timerfd_settime"), Rule("timerfd_gettime"),
+    # descriptors: tap, sockets, pipes, timers, the log file
+    Rule("read"), Rule("write"), Rule("readv"), Rule("writev"),
+    Rule("close"), Rule("lseek", "re-reading /proc/net tables kept open for `auto` scans"),
+    Rule("fcntl", "os.set_blocking, F_GETFL on adopted descriptors"),
+    Rule("ioctl", "FIONBIO (socket.setblocking), FIONREAD/SIOCOUTQ on sockets"),
+    Rule("fstat", "io.open() of a descriptor checks it is not a directory"),
+    Rule("pipe2", "splice pipes are made per connection"),
+    Rule("splice", "loopback TCP, socket to pipe to socket"),
+    # sockets, made and used at run time (flows, listeners re-bound by `auto`)
+    Rule("socket", "only the families we ever use", arg=0,
+         values=(socket.AF_INET, socket.AF_INET6)),
+    Rule("bind"), Rule("listen"), Rule("connect"), Rule("accept4"), Rule("accept"),
+    Rule("shutdown"), Rule("getsockname"), Rule("getpeername"),
+    Rule("setsockopt"), Rule("getsockopt"),
+    Rule("recvfrom"), Rule("recvmsg"), Rule("recvmmsg"),
+    Rule("sendto"), Rule("sendmsg"), Rule("sendmmsg"),
+    # the interpreter: memory, the GIL and thread waits, signals, time
+    Rule("mmap"), Rule("munmap"), Rule("mremap"), Rule("madvise"), Rule("brk"),
+    Rule("mprotect", "glibc malloc grows its arenas this way"),
+    Rule("futex", "the GIL and the namespace thread's queues"),
+    Rule("rt_sigaction"), Rule("rt_sigprocmask"), Rule("rt_sigreturn"),
+    Rule("restart_syscall", "the kernel's own restart after a signal"),
+    Rule("clock_gettime"), Rule("clock_nanosleep"), Rule("gettimeofday"),
+    Rule("getpid", "logging records the PID in every message"),
+    Rule("gettid"),
+    Rule("getrandom", "random and secrets (ISNs, DHCPv6 transaction ids)"),
+    Rule("exit"), Rule("exit_group"),
+)
+
+# pasta only
+PASTA: tuple[Rule, ...] = (
+    Rule("wait4", "reaping the spawned command (os.waitpid)"),
+    Rule("waitid"),
+)
+
+# passt only
+PASST: tuple[Rule, ...] = ()
+
+
+def allowed(mode: str) -> tuple[Rule, ...]:
+    """The allow-list of `mode` ("pasta" or "passt")."""
+    extra = {"pasta": PASTA, "passt": PASST}[mode]
+    return COMMON + extra
