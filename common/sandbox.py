@@ -1,0 +1,366 @@
+"""The sandbox: what pasta and passt give up, at start and once set-up is done.
+
+Design rule 10: after set-up, only descriptors.  The steps, in order:
+
+1. `at_start()`, first thing in the process: no longer dumpable (the command
+   pasta spawns, or anything else running as our user, cannot ptrace us or
+   read our memory and environment), every inherited descriptor above 2 closed
+   except `-F/--fd`, and 0-2 pointed at /dev/null if the caller left them closed
+   (else a socket could become our "stderr").
+2. Set-up runs as today: it opens everything it will ever need.  `preload()`
+   then imports every module the data plane may import lazily, and primes the
+   few lazy things of the standard library (time zone, encodings).
+3. `enter()`, once nothing is left that needs the file system:
+   - new mount, IPC and UTS namespaces, and a new PID namespace for whatever we
+     might fork (nothing, under the filter: defence in depth); passt also a user
+     namespace of its own, as C passt does;
+   - the root becomes an empty read-only tmpfs (`pivot_root`, or with
+     `--chroot-fallback` a move and `chroot` where pivot_root is refused, as on
+     an initramfs root);
+   - capabilities: none in the initial user namespace, bounding set included;
+     in a user namespace that is ours, only those named in `_keep_caps`;
+     nothing inheritable (so nothing ambient either: the kernel keeps ambient
+     a subset of inheritable);
+   - no_new_privs, then the seccomp allow-list of `common.syscalls`, on every
+     thread at once (TSYNC).
+   After this, an import raises (see `_NoImports`) instead of failing somewhere
+   deep in the import machinery.
+
+Threads (pasta): the namespace thread (`pasta.nsthread`) lives in the target
+network namespace and creates sockets there for the whole run.  Of the steps
+above, the kernel refuses two in a multi-threaded process: joining or creating
+a user namespace, and joining a mount namespace.  pasta needs neither after
+set-up: it joins the target's user namespace before the thread starts (as
+today) and creates none of its own; `unshare(CLONE_NEWNS)` is allowed but acts
+on the calling thread only, as do the other namespaces, `pivot_root`, the
+capability sets and no_new_privs.  So the thread stays a thread, and
+`enter()` runs the per-thread part (`_confine_thread`) in each thread: each gets
+its own empty root.  We chose this over turning the thread into a helper
+process (sockets passed back with SCM_RIGHTS) because a thread costs no second
+interpreter's memory and no extra round trip per spliced connection, and the
+only thing it does after set-up is `socket()`, which the filter allows anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from common import seccomp, syscalls
+
+try:
+    import prctl  # python-prctl: capability sets, bounding set, dumpable, no_new_privs
+except ImportError:  # pragma: no cover - a declared dependency
+    prctl = None
+
+log = logging.getLogger("sandbox")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# Where the empty tmpfs is mounted before it becomes the root: any directory
+# that exists everywhere; nothing is visible there outside our mount namespace.
+EMPTY_MOUNTPOINT = "/tmp"
+
+# Modules the data plane imports lazily (inside functions) or that the standard
+# library imports on first use.  `tests/test_sandbox_imports.py` finds every
+# function-level import in our code and fails when one is missing here (or is
+# not declared set-up only there).
+PRELOAD: tuple[str, ...] = (
+    "numpy",                     # common.packet.checksum: large frames
+    "ipaddress",                 # common.udp.handler, common.fwd
+    "common.loop",               # common.tap
+    "common.guest",
+    "encodings.idna",            # str.encode("idna") in hostname handling
+    "logging.handlers",
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_entered = False
+
+
+class SandboxError(Exception):
+    """A sandboxing step failed; the message is one line."""
+
+
+def entered() -> bool:
+    """True once the process lives in its empty root: paths no longer mean anything."""
+    return _entered
+
+
+# ---------------------------------------------------------------- 1. at start
+
+def fd_from_argv(argv: Sequence[str], options: Iterable[tuple[Sequence[str], bool]]) -> int | None:
+    """The -F/--fd value in argv, read the way getopt_long would, or None.
+
+    `options`: (flags, takes_value) for every option of the mode, so that a
+    value that merely looks like "-F" is not taken for the option.
+    """
+    short_value = {f[1] for flags, v in options if v for f in flags if len(f) == 2}
+    found: str | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if name == "fd":
+                if not eq and i < len(argv):
+                    value = argv[i]
+                    i += 1
+                found = value
+            elif not eq and any(f"--{name}" in flags and v for flags, v in options):
+                i += 1
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            for pos, letter in enumerate(arg[1:], 1):
+                if letter in short_value:
+                    value = arg[pos + 1:]
+                    if not value and i < len(argv):
+                        value = argv[i]
+                        i += 1
+                    if letter == "F":
+                        found = value
+                    break
+    if found is not None and found.isdigit():
+        return int(found)
+    return None
+
+
+def at_start(keep: Iterable[int] = ()) -> None:
+    """Not dumpable; inherited descriptors closed (but 0-2 and `keep`); 0-2 populated."""
+    set_dumpable(False)
+    close_inherited(keep)
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)     # lands on the lowest free number
+            if null != fd:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+
+
+def set_dumpable(on: bool) -> None:
+    if prctl is not None:
+        prctl.set_dumpable(on)
+    else:  # pragma: no cover
+        _libc.prctl(4, int(on), 0, 0, 0)         # PR_SET_DUMPABLE
+
+
+def close_inherited(keep: Iterable[int] = ()) -> None:
+    """Close every descriptor from 3 up, except those in `keep`."""
+    low = 3
+    for fd in sorted(f for f in set(keep) if f >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)   # close_range(2) underneath: one system call
+
+
+# ---------------------------------------------------------------- 2. before the sandbox
+
+def preload(extra: Iterable[str] = ()) -> None:
+    """Import what the data plane would import lazily; prime lazy stdlib state."""
+    for name in (*PRELOAD, *extra):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SandboxError(f"cannot import {name} before the sandbox: {exc}") from None
+    time.localtime()              # glibc reads /etc/localtime on first use
+    time.strftime("%Y")
+    "x".encode("idna")
+
+
+class _NoImports:
+    """A meta path finder that refuses every import once the root is empty, by name."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        raise ImportError(f"import of {name} after the sandbox was entered (preload it: "
+                          "common.sandbox.PRELOAD)")
+
+
+# ---------------------------------------------------------------- 3. the sandbox
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str                        # "pasta" or "passt"
+    run_as: tuple[int, int] | None   # switch to this uid/gid (root in the initial userns)
+    chroot_fallback: bool = False
+    debug: bool = False              # trap instead of kill, and name the call
+    debug_fds: tuple[int, ...] = (2,)
+    keep_userns_caps: tuple[int, ...] = ()   # for the namespace thread, see _keep_caps
+
+
+def in_initial_userns() -> bool:
+    """Whether we run in the initial user namespace (its uid_map is the identity)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | None,
+           what: str) -> None:
+    _check(_libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
+                       ctypes.c_ulong(flags), data.encode() if data else None), what)
+
+
+def _pivot_root(new: str, old: str) -> int:
+    nr = {"x86_64": 155, "aarch64": 41}[seccomp.native_arch().name]
+    return _libc.syscall(ctypes.c_long(nr), new.encode(), old.encode())
+
+
+# The test suite makes pivot_root fail on purpose through this hook (see
+# integration/test_sandbox.py): a real initramfs root is not at hand in CI.
+pivot_root: Callable[[str, str], int] = _pivot_root
+
+
+def _empty_root(chroot_fallback: bool) -> str:
+    """Make the calling thread's root an empty read-only tmpfs; how it was done."""
+    _mount("", "/", None, MS_REC | MS_PRIVATE, None, "cannot make our mounts private")
+    _mount("", EMPTY_MOUNTPOINT, "tmpfs", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RDONLY,
+           "nr_inodes=2,nr_blocks=0", "cannot mount an empty tmpfs")
+    os.chdir(EMPTY_MOUNTPOINT)
+    if pivot_root(".", ".") == 0:
+        # the old root is stacked under the new one at "."; detach it
+        _check(_libc.umount2(b".", MNT_DETACH | UMOUNT_NOFOLLOW),
+               "cannot detach the old root")
+        os.chdir("/")
+        return "pivot_root"
+    err = ctypes.get_errno()
+    if not chroot_fallback:
+        raise SandboxError(f"pivot_root into an empty tmpfs: {os.strerror(err)} "
+                           "(--chroot-fallback uses chroot instead)")
+    log.info("pivot_root: %s, falling back to chroot", os.strerror(err))
+    _mount(EMPTY_MOUNTPOINT, "/", None, MS_MOVE, None, "cannot move the empty tmpfs to /")
+    os.chroot(".")
+    os.chdir("/")
+    return "chroot"
+
+
+def _drop_bounding_set() -> None:
+    for cap in prctl.ALL_CAPS:
+        try:
+            prctl.capbset.drop(cap)
+        except (OSError, ValueError):
+            pass
+
+
+def _limit_caps(keep: Sequence[int]) -> None:
+    prctl.cap_inheritable.limit()          # ambient is a subset of inheritable: gone too
+    prctl.cap_permitted.limit(*keep)
+    prctl.cap_effective.limit(*keep)
+
+
+def _confine_thread(flags: int, chroot_fallback: bool) -> str:
+    """The per-thread half: namespaces, empty root, bounding set."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "cannot detach into new namespaces")
+    how = _empty_root(chroot_fallback)
+    _drop_bounding_set()
+    return how
+
+
+def _finish_thread(keep: Sequence[int]) -> None:
+    _limit_caps(keep)
+    if _libc.prctl(38, 1, 0, 0, 0) != 0:     # PR_SET_NO_NEW_PRIVS
+        raise SandboxError(f"no_new_privs: {os.strerror(ctypes.get_errno())}")
+
+
+def enter(plan: Plan, other_thread: Callable[[Callable[..., object], object], object]
+          | None = None) -> None:
+    """Enter the sandbox.  `other_thread(fn, *args)` runs fn in pasta's namespace thread."""
+    global _entered
+    if prctl is None:
+        raise SandboxError("python-prctl is missing: cannot drop capabilities")
+    arch = seccomp.native_arch()         # an unknown architecture fails before any change
+    start = time.monotonic()
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+    if plan.mode == "passt":
+        # C passt's order: our final uid first, then a user namespace of our own,
+        # in which the rest needs no capability of the initial namespace
+        assert other_thread is None and threading.active_count() == 1
+        _switch_user(plan.run_as)
+        flags |= CLONE_NEWUSER
+    how = _confine_thread(flags, plan.chroot_fallback)
+    if other_thread is not None:
+        other_thread(_confine_thread, flags, plan.chroot_fallback)
+    if plan.mode == "pasta":
+        _switch_user(plan.run_as)        # every thread (glibc's setxid broadcast)
+    _finish_thread(())
+    if other_thread is not None:
+        other_thread(_finish_thread, plan.keep_userns_caps)
+    rules = syscalls.allowed(plan.mode)
+    if plan.debug:
+        seccomp.trap_handler(plan.debug_fds, plan.mode, arch)
+    prog = seccomp.build(rules, seccomp.RET_TRAP if plan.debug else seccomp.RET_KILL_PROCESS,
+                         arch)
+    sys.meta_path.insert(0, _NoImports())
+    _entered = True
+    seccomp.install(prog, arch)
+    log.debug("sandbox: %s into an empty root, %d system calls allowed, %.1f ms",
+              how, len(rules), (time.monotonic() - start) * 1000)
+
+
+def _switch_user(ids: tuple[int, int] | None) -> None:
+    if ids is None:
+        return
+    uid, gid = ids
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (uid, uid, gid, gid):
+        return
+    try:
+        os.setgroups([])
+    except PermissionError:
+        pass
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def keep_userns_caps(mode: str) -> tuple[int, ...]:
+    """Capabilities the namespace thread keeps, in a user namespace that is ours.
+
+    None in the initial user namespace.  pasta's namespace thread keeps:
+    - CAP_NET_BIND_SERVICE: `-T`/`-U` (and their `auto` rescans) bind ports
+      below 1024 in the namespace, which our user namespace owns.
+    Nothing else: the namespace is already joined, the tap and netlink set-up
+    are done, and the main thread's sockets live in the host's namespace, where
+    capabilities of our user namespace grant nothing.
+    """
+    if mode != "pasta" or in_initial_userns() or prctl is None:
+        return ()
+    return (prctl.CAP_NET_BIND_SERVICE,)
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
