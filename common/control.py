@@ -45,7 +45,7 @@ import socket
 import stat
 from collections.abc import Callable, Iterable
 
-from common import fwd
+from common import fwd, sandbox
 from common.flowinfo import FlowRecord
 from common.listeners import BindError, PortForwarder
 from common.loop import ERR, HUP, IN, OUT, Loop
@@ -163,6 +163,8 @@ class ControlServer:
             self.loop.remove(self.sock.fileno())
             self.sock.close()
             self.sock = None
+            if sandbox.entered():
+                return          # no path leads anywhere in the sandbox: the file stays
             try:
                 os.unlink(self.path)
             except OSError:

@@ -29,13 +29,15 @@ RA_INTERVAL = getattr(ndp, "RA_INTERVAL", 60.0)
 
 class DataPlane:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend,
-                 guest: GuestState | None = None) -> None:
+                 guest: GuestState | None = None, addrmap: AddressMap | None = None) -> None:
+        """`addrmap`: made at set-up and shared by passt's successive guests, since
+        making one asks the host about interfaces (not possible in the sandbox)."""
         self.conf = conf
         self.loop = loop
         self.tap = tap
         self.guest = guest or GuestState(conf)
         self.demux = FrameDemux(conf, self.guest, tap)
-        self.addrmap = AddressMap(conf)
+        self.addrmap = addrmap or AddressMap(conf)
         log.debug("descriptors for flows: %r", budget.shared())
         self.tcp: TcpHandler | None = None
         if conf.services.tcp:

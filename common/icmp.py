@@ -54,6 +54,18 @@ DRAIN_MAX = 64
 PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 
 
+def _read_ping_range() -> str:
+    try:
+        with open(PING_GROUP_RANGE) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return "?"
+
+
+# read at import, during set-up: the warning that quotes it may come after the sandbox
+_PING_RANGE_AT_START = _read_ping_range()
+
+
 class EchoFlow(Flow):
     __slots__ = ("hdr", "sock", "fd", "ident")
 
@@ -190,11 +202,7 @@ class IcmpHandler:
         if self.forbidden_noted:
             return
         self.forbidden_noted = True
-        try:
-            with open(PING_GROUP_RANGE) as f:
-                allowed = " ".join(f.read().split())
-        except OSError:
-            allowed = "?"
+        allowed = _PING_RANGE_AT_START
         log.warning("ICMP echo: ping sockets are not allowed for group %d "
                     "(net.ipv4.ping_group_range is \"%s\"): echo requests are dropped",
                     os.getgid(), allowed)

@@ -399,7 +399,12 @@ def program_main(mode: str, argv: Sequence[str] | None,
     always closed on the way out.
     """
     from common import report  # noqa: PLC0415
+    from common.sandbox import at_start, fd_from_argv  # noqa: PLC0415
 
+    # before anything else exists: not dumpable, nothing inherited but -F
+    given_fd = fd_from_argv(sys.argv[1:] if argv is None else argv,
+                            [(o.flags, o.kind != "flag") for o in OPTIONS if mode in o.modes])
+    at_start(keep=() if given_fd is None else (given_fd,))
     report.protect_stderr()
     opts = main_parse(mode, argv)
     if opts.get("version"):

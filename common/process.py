@@ -16,6 +16,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Protocol
 
+from common import sandbox
 from common.report import SetupError
 
 if TYPE_CHECKING:
@@ -34,15 +35,18 @@ class Readiness:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        # opened now: ready() comes after the sandbox, where no path can be opened
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) if fd is not None else -1
 
     def ready(self) -> None:
         """Tell the parent we are up and detach from its terminal and pipes."""
-        devnull = os.open(os.devnull, os.O_RDWR)
+        devnull = self.devnull
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+        self.devnull = -1
         if self.fd is not None:
             try:
                 os.write(self.fd, b"OK")
@@ -110,8 +114,11 @@ class PidFile:
             self.fd = None
 
     def remove(self) -> None:
-        """Remove the file if it is still ours (unwritten, or holding our PID)."""
-        if not self.path:
+        """Remove the file if it is still ours (unwritten, or holding our PID).
+
+        Not once the sandbox is entered: paths lead nowhere then, and the file
+        stays, as C passt's does."""
+        if not self.path or sandbox.entered():
             return
         try:
             if self.fd is None:

@@ -44,7 +44,6 @@ only thing it does after set-up is `socket()`, which the filter allows anyway.
 from __future__ import annotations
 
 import ctypes
-import errno
 import importlib
 import logging
 import os
@@ -53,8 +52,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from common import seccomp, syscalls
+from common import isolation, seccomp, syscalls
+
+if TYPE_CHECKING:
+    from common.conf import Config
 
 try:
     import prctl  # python-prctl: capability sets, bounding set, dumpable, no_new_privs
@@ -88,7 +91,6 @@ EMPTY_MOUNTPOINT = "/tmp"
 # function-level import in our code and fails when one is missing here (or is
 # not declared set-up only there).
 PRELOAD: tuple[str, ...] = (
-    "numpy",                     # common.packet.checksum: large frames
     "ipaddress",                 # common.udp.handler, common.fwd
     "common.loop",               # common.tap
     "common.guest",
@@ -96,9 +98,16 @@ PRELOAD: tuple[str, ...] = (
     "logging.handlers",
 )
 
+# common.packet.checksum sums large frames with numpy, whose import costs about
+# 0.1 s: loaded only where checksums are ours to compute (passt, or a tap without
+# checksum offload); elsewhere the lazy import is refused and the plain-int path
+# (same result) would serve the rare large frame.
+PRELOAD_CHECKSUMS: tuple[str, ...] = ("numpy",)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _entered = False
+_kept: list[int] = []       # descriptors held for the life of the process, see enter()
 
 
 class SandboxError(Exception):
@@ -184,9 +193,13 @@ def close_inherited(keep: Iterable[int] = ()) -> None:
 
 # ---------------------------------------------------------------- 2. before the sandbox
 
-def preload(extra: Iterable[str] = ()) -> None:
+def preload(checksums: bool = True) -> None:
     """Import what the data plane would import lazily; prime lazy stdlib state."""
-    for name in (*PRELOAD, *extra):
+    # numpy's BLAS would start a pool of threads at import: a second thread makes
+    # unshare(CLONE_NEWUSER) fail, and each thread would keep the old root
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    for name in (*PRELOAD, *(PRELOAD_CHECKSUMS if checksums else ())):
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -213,7 +226,20 @@ class Plan:
     chroot_fallback: bool = False
     debug: bool = False              # trap instead of kill, and name the call
     debug_fds: tuple[int, ...] = (2,)
-    keep_userns_caps: tuple[int, ...] = ()   # for the namespace thread, see _keep_caps
+    checksums: bool = True           # we compute full checksums: preload numpy
+
+
+def plan(mode: str, conf: Config, run_as: tuple[int, int] | None,
+         checksums: bool = True) -> Plan:
+    """The sandbox of `mode` as the configuration asks for it."""
+    fds = [2]
+    for handler in logging.getLogger().handlers:
+        fd = getattr(handler, "fd", None)         # common.log.CappedFileHandler
+        if isinstance(fd, int):
+            fds.append(fd)
+    return Plan(mode, run_as, chroot_fallback=conf.process.chroot_fallback,
+                debug=conf.log.debug or conf.log.trace, debug_fds=tuple(fds),
+                checksums=checksums)
 
 
 def in_initial_userns() -> bool:
@@ -237,14 +263,9 @@ def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | No
                        ctypes.c_ulong(flags), data.encode() if data else None), what)
 
 
-def _pivot_root(new: str, old: str) -> int:
-    nr = {"x86_64": 155, "aarch64": 41}[seccomp.native_arch().name]
+def pivot_root(new: str, old: str) -> int:
+    nr = seccomp.native_arch().nr("pivot_root")
     return _libc.syscall(ctypes.c_long(nr), new.encode(), old.encode())
-
-
-# The test suite makes pivot_root fail on purpose through this hook (see
-# integration/test_sandbox.py): a real initramfs root is not at hand in CI.
-pivot_root: Callable[[str, str], int] = _pivot_root
 
 
 def _empty_root(chroot_fallback: bool) -> str:
@@ -261,6 +282,10 @@ def _empty_root(chroot_fallback: bool) -> str:
         return "pivot_root"
     err = ctypes.get_errno()
     if not chroot_fallback:
+        # undo what hides the file system, so that the failed set-up can still clean
+        # up after itself (its pid file may live under the mount point)
+        os.chdir("/")
+        _libc.umount2(EMPTY_MOUNTPOINT.encode(), MNT_DETACH)
         raise SandboxError(f"pivot_root into an empty tmpfs: {os.strerror(err)} "
                            "(--chroot-fallback uses chroot instead)")
     log.info("pivot_root: %s, falling back to chroot", os.strerror(err))
@@ -279,9 +304,12 @@ def _drop_bounding_set() -> None:
 
 
 def _limit_caps(keep: Sequence[int]) -> None:
-    prctl.cap_inheritable.limit()          # ambient is a subset of inheritable: gone too
-    prctl.cap_permitted.limit(*keep)
-    prctl.cap_effective.limit(*keep)
+    """Effective and permitted: only `keep`; inheritable: nothing, and so no ambient
+    either (the kernel keeps ambient a subset of inheritable).  One capset call:
+    effective must never exceed permitted in between."""
+    drop = [c for c in prctl.ALL_CAPS if c not in keep]
+    prctl.set_caps((drop, (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
+                   (prctl.ALL_CAPS, prctl.CAP_INHERITABLE, False))
 
 
 def _confine_thread(flags: int, chroot_fallback: bool) -> str:
@@ -306,21 +334,30 @@ def enter(plan: Plan, other_thread: Callable[[Callable[..., object], object], ob
         raise SandboxError("python-prctl is missing: cannot drop capabilities")
     arch = seccomp.native_arch()         # an unknown architecture fails before any change
     start = time.monotonic()
+    preload(plan.checksums)
+    keep = keep_userns_caps(plan.mode)   # reads /proc: before the root is gone
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
     if plan.mode == "passt":
         # C passt's order: our final uid first, then a user namespace of our own,
         # in which the rest needs no capability of the initial namespace
         assert other_thread is None and threading.active_count() == 1
-        _switch_user(plan.run_as)
+        isolation.switch_user(plan.run_as)
         flags |= CLONE_NEWUSER
+    if plan.mode == "pasta" and not _kept:
+        # pasta's netns watch looks its file up from a descriptor of the file's directory,
+        # which belongs to the mount namespace we were started in.  Once we leave it, the
+        # last process there (ip-netns-exec, podman's) may exit, and the kernel would then
+        # take its mounts down, the netns file's bind mount included: the watch would see
+        # the namespace gone.  Holding the namespace keeps its mounts up.
+        _kept.append(os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
     how = _confine_thread(flags, plan.chroot_fallback)
     if other_thread is not None:
         other_thread(_confine_thread, flags, plan.chroot_fallback)
     if plan.mode == "pasta":
-        _switch_user(plan.run_as)        # every thread (glibc's setxid broadcast)
+        isolation.switch_user(plan.run_as)   # every thread (glibc's setxid broadcast)
     _finish_thread(())
     if other_thread is not None:
-        other_thread(_finish_thread, plan.keep_userns_caps)
+        other_thread(_finish_thread, keep)
     rules = syscalls.allowed(plan.mode)
     if plan.debug:
         seccomp.trap_handler(plan.debug_fds, plan.mode, arch)
@@ -331,20 +368,6 @@ def enter(plan: Plan, other_thread: Callable[[Callable[..., object], object], ob
     seccomp.install(prog, arch)
     log.debug("sandbox: %s into an empty root, %d system calls allowed, %.1f ms",
               how, len(rules), (time.monotonic() - start) * 1000)
-
-
-def _switch_user(ids: tuple[int, int] | None) -> None:
-    if ids is None:
-        return
-    uid, gid = ids
-    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (uid, uid, gid, gid):
-        return
-    try:
-        os.setgroups([])
-    except PermissionError:
-        pass
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
 
 
 def keep_userns_caps(mode: str) -> tuple[int, ...]:
@@ -361,6 +384,3 @@ def keep_userns_caps(mode: str) -> tuple[int, ...]:
         return ()
     return (prctl.CAP_NET_BIND_SERVICE,)
 
-
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err, str(err))

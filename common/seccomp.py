@@ -35,6 +35,7 @@ import os
 import platform
 import signal
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -359,6 +360,14 @@ def trap_handler(fds: Iterable[int], prog: str, arch: Arch | None = None) -> Non
     def on_sigsys(_signum: int, info: int | None, _ctx: int | None) -> None:
         nr = ctypes.c_int.from_address(info + 24).value if info else -1
         msg = messages.get(nr) or f"{prog}: seccomp: forbidden system call {nr}\n".encode()
+        # where in our code: names and line numbers only (source lines would need files)
+        frame = sys._getframe(1)
+        where = []
+        while frame is not None and len(where) < 12:
+            code = frame.f_code
+            where.append(f"    {code.co_filename}:{frame.f_lineno} {code.co_name}\n")
+            frame = frame.f_back
+        msg += "".join(where).encode(errors="replace")
         for fd in targets:
             try:
                 os.write(fd, msg)
@@ -376,8 +385,6 @@ def trap_handler(fds: Iterable[int], prog: str, arch: Arch | None = None) -> Non
 
 
 if __name__ == "__main__":   # print a mode's filter: python -m common.seccomp pasta|passt
-    import sys
-
     from common import syscalls
 
     for line in disassemble(build(syscalls.allowed(sys.argv[1] if len(sys.argv) > 1

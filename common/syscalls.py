@@ -28,10 +28,15 @@ COMMON: tuple[Rule, ...] = (
     Rule("timerfd_settime"), Rule("timerfd_gettime"),
     # descriptors: tap, sockets, pipes, timers, the log file
     Rule("read"), Rule("write"), Rule("readv"), Rule("writev"),
-    Rule("close"), Rule("lseek", "re-reading /proc/net tables kept open for `auto` scans"),
+    Rule("close"), Rule("dup2"), Rule("dup3", "the daemon points 0-2 at /dev/null when ready"),
+    Rule("pread64", "the log file re-reads its tail when it shrinks"),
+    Rule("ftruncate", "... and truncates itself"),
+    Rule("lseek", "re-reading /proc/net tables kept open for `auto` scans"),
     Rule("fcntl", "os.set_blocking, F_GETFL on adopted descriptors"),
     Rule("ioctl", "FIONBIO (socket.setblocking), FIONREAD/SIOCOUTQ on sockets"),
-    Rule("fstat", "io.open() of a descriptor checks it is not a directory"),
+    Rule("fstat"),
+    Rule("newfstatat", "glibc's fstat(); pasta's netns watch looks its file up "
+         "from a descriptor of the directory"),
     Rule("pipe2", "splice pipes are made per connection"),
     Rule("splice", "loopback TCP, socket to pipe to socket"),
     # sockets, made and used at run time (flows, listeners re-bound by `auto`)
@@ -50,6 +55,8 @@ COMMON: tuple[Rule, ...] = (
     Rule("restart_syscall", "the kernel's own restart after a signal"),
     Rule("clock_gettime"), Rule("clock_nanosleep"), Rule("gettimeofday"),
     Rule("getpid", "logging records the PID in every message"),
+    Rule("getuid"), Rule("geteuid"), Rule("getgid", "named in the ping_group_range warning"),
+    Rule("getegid"),
     Rule("gettid"),
     Rule("getrandom", "random and secrets (ISNs, DHCPv6 transaction ids)"),
     Rule("exit"), Rule("exit_group"),

@@ -87,7 +87,6 @@ def _discard(raw: Any, path: str) -> None:
 
 
 def _run(opts: dict[str, Any], helper: Helper, bound: tuple[Any, str] | None) -> int:
-    from common import log as logsetup  # noqa: PLC0415
     from common import report  # noqa: PLC0415
     from common.conf import host_config  # noqa: PLC0415
     from common.process import Readiness, begin, daemonize, serve  # noqa: PLC0415
@@ -122,7 +121,6 @@ def _run(opts: dict[str, Any], helper: Helper, bound: tuple[Any, str] | None) ->
 
     # Readiness: from here on nothing may fail for a reason known at set-up.
     if not conf.process.foreground:
-        logsetup.detach(conf.log, "passt")
         readiness.ready()
     return serve(session, pid_file, "passt")
 
@@ -138,6 +136,7 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None,
     """
     import logging  # noqa: PLC0415
 
+    from common import log as logsetup  # noqa: PLC0415
     from common.conf import describe  # noqa: PLC0415
     from passt.session import Session  # noqa: PLC0415
 
@@ -161,9 +160,11 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None,
         pid_file.write()
         if run_as is not None and conf.process.runas is None:
             log.info("started as root: running as uid %d, gid %d from now on", *run_as)
-        session.drop_privileges(run_as)
         session.start()
-        # (the sandbox is entered here)
+        if not conf.process.foreground:
+            logsetup.detach(conf.log, "passt")   # syslog's socket: before the sandbox
+        # the last step: the user we run as, our own user namespace, the empty root, the filter
+        session.enter_sandbox(run_as)
     except BaseException:
         session.close()
         raise

@@ -26,13 +26,14 @@ import signal
 import socket
 import stat
 
-from common import flowinfo, isolation
+from common import flowinfo, sandbox, seccomp
 from common.conf import Config
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
 from common.guest import GuestState
 from common.listeners import ACCEPT_EXHAUSTED, BindError, pause_accepting
 from common.loop import IN, Loop
+from common.mapping import AddressMap
 from common.pcap import Pcap
 from common.process import SetupError
 from common.ratelimit import RateLimited
@@ -96,6 +97,7 @@ class Session:
         self.guests = 0
         self._adopted: socket.socket | None = None
         self._paused = None           # the timer that watches the listener again
+        self.addrmap: AddressMap | None = None
 
     # ------------------------------------------------------------ set-up (privileged)
 
@@ -128,6 +130,7 @@ class Session:
                 self.pcap = Pcap(self.conf.pcap)
             except OSError as exc:
                 raise SetupError(exc.strerror) from None
+        self.addrmap = AddressMap(self.conf)      # host interface indices: now, not per guest
         self.forwarding = PasstForwarding(self.conf, self.loop, lambda: self.dataplane)
         try:
             self.forwarding.start()
@@ -177,13 +180,15 @@ class Session:
             return [f"using connected socket from file descriptor {self.fd}"]
         return qemu_hint(self.path)
 
-    def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
+    def enter_sandbox(self, run_as: tuple[int, int] | None) -> None:
+        """The last step of set-up: the user we run as, a user namespace of our own,
+        the empty root, the filter."""
         try:
-            isolation.switch_user(run_as)
+            sandbox.enter(sandbox.plan("passt", self.conf, run_as))
+        except (sandbox.SandboxError, seccomp.SeccompError) as exc:
+            raise SetupError(f"sandbox: {exc}") from None
         except OSError as exc:
-            raise SetupError(f"cannot switch to uid {run_as[0] if run_as else '?'}: "
-                             f"{exc.strerror}") from None
-        isolation.drop_capabilities()
+            raise SetupError(f"sandbox: {exc.strerror}") from None
 
     # ------------------------------------------------------------ serving
 
@@ -217,7 +222,8 @@ class Session:
         self.guests += 1
         log.info("guest connected%s", f" (#{self.guests})" if self.guests > 1 else "")
         self.tap = StreamTap(sock, self.loop, self.pcap)
-        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf))
+        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf),
+                                   self.addrmap)
         self.dataplane.on_tap_gone = self._guest_gone
         self.dataplane.start()
 
@@ -269,7 +275,10 @@ class Session:
             self.loop.remove(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            if self.path is not None and same_socket(self.path, self._ino):
+            # inside the sandbox the path leads nowhere: the socket file stays, as
+            # C passt's does, and the next passt on that path replaces it
+            if (self.path is not None and not sandbox.entered()
+                    and same_socket(self.path, self._ino)):
                 try:
                     os.unlink(self.path)
                 except OSError:

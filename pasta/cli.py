@@ -111,7 +111,6 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
         signal.signal(signal.SIGQUIT, signal.SIG_IGN)
         spawned.go()
     elif not conf.process.foreground:
-        logsetup.detach(conf.log, "pasta")
         readiness.ready()
     return serve(session, pid_file, "pasta")
 
@@ -140,8 +139,10 @@ def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
         for line in describe(conf):
             log.info(line)
         pid_file.write()
-        session.drop_privileges(run_as)
-        # (the sandbox is entered here)
+        if spawned is None and not conf.process.foreground:
+            logsetup.detach(conf.log, "pasta")   # syslog's socket: before the sandbox
+        # the last step: the user we run as, the empty root, the filter
+        session.enter_sandbox(run_as)
     except BaseException:
         session.close()
         raise

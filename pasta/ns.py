@@ -22,6 +22,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import prctl
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
@@ -189,6 +191,10 @@ class SpawnedCommand:
     @staticmethod
     def _child(argv: list[str], uid: int, gid: int, ready_w: int, go_r: int) -> None:
         try:
+            # we are not dumpable (common.sandbox.at_start), and a fork inherits that:
+            # the command is, so that pasta may open its /proc namespace files and
+            # it may write its own uid_map
+            prctl.set_dumpable(True)
             try:
                 unshare(CLONE_NEWUSER | CLONE_NEWNET)
                 with open("/proc/self/setgroups", "w") as f:

@@ -20,7 +20,7 @@ import signal
 import time
 from typing import Any
 
-from common import flowinfo, isolation
+from common import flowinfo, isolation, sandbox, seccomp
 from common.conf import Config, format_mac, parse_mac
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
@@ -146,17 +146,20 @@ class Session:
         log.warning("%s: exiting", signal.Signals(signum).name)
         self.loop.stop(0)
 
-    def drop_privileges(self, run_as: tuple[int, int] | None) -> None:
+    def enter_sandbox(self, run_as: tuple[int, int] | None) -> None:
+        """The last step of set-up: the empty root, the user we run as, the filter.
+
+        The namespace thread confines itself too (see common.sandbox)."""
         if self.control is not None:
             self.control.give_to(run_as)
         try:
-            isolation.switch_user(run_as)
+            checksums = self.tap is None or not self.tap.csum_offload
+            sandbox.enter(sandbox.plan("pasta", self.conf, run_as, checksums),
+                          self.ns.call if self.ns is not None else None)
+        except (sandbox.SandboxError, seccomp.SeccompError) as exc:
+            raise SetupError(f"sandbox: {exc}") from None
         except OSError as exc:
-            raise SetupError(f"cannot switch to uid {run_as[0] if run_as else '?'}: "
-                             f"{exc.strerror}") from None
-        isolation.drop_capabilities()
-        if self.ns is not None:
-            self.ns.call(isolation.drop_capabilities)
+            raise SetupError(f"sandbox: {exc.strerror}") from None
 
     def watch_target(self) -> None:
         owner = proc_ns_owner(self.target.netns_path) if self.target.netns_path else None

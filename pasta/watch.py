@@ -39,6 +39,11 @@ class NetnsFileWatch:
                  on_gone: Callable[[], None]) -> None:
         self.path = path
         self.name = os.path.basename(path)
+        # the check looks the name up from a descriptor of its directory, opened now:
+        # inside the sandbox no path leads anywhere, but this descriptor still sees
+        # the directory as the caller's mount namespace has it
+        self.dir_fd = os.open(os.path.dirname(path) or ".",
+                              os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(netns_fd)
         self.ident = (st.st_dev, st.st_ino)
         self.on_gone = on_gone
@@ -60,7 +65,7 @@ class NetnsFileWatch:
         the file, and it still is the namespace we opened.  Raises OSError with a
         one-line reason."""
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.name, dir_fd=self.dir_fd)     # as gone() looks it up
         except OSError as exc:
             raise OSError(exc.errno, f"cannot watch namespace file {self.path} as uid "
                           f"{os.geteuid()}: {exc.strerror} (see --runas, --no-netns-quit)",
@@ -70,7 +75,7 @@ class NetnsFileWatch:
 
     def gone(self) -> bool:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.name, dir_fd=self.dir_fd)
         except FileNotFoundError:
             log.info("namespace file %s is gone, exiting", self.path)
             return True
