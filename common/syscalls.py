@@ -69,7 +69,10 @@ PASTA: tuple[Rule, ...] = (
 )
 
 # passt only
-PASST: tuple[Rule, ...] = ()
+PASST: tuple[Rule, ...] = (
+    # --vhost-user: each front-end connection gets a device of its own
+    Rule("epoll_create1", "the vhost-user device's epoll of kick eventfds"),
+)
 
 
 def allowed(mode: str) -> tuple[Rule, ...]:

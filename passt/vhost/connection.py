@@ -32,6 +32,7 @@ from common.conf import Config
 from common.dataplane import DataPlane
 from common.guest import GuestState
 from common.loop import IN, Loop
+from common.mapping import AddressMap
 from common.pcap import Pcap
 from passt.vhost import protocol as P
 from passt.vhost.device import VhostUserDevice
@@ -47,8 +48,11 @@ _ANC_SIZE = socket.CMSG_SPACE(P.FDS_MAX * 4)
 class VhostUserConnection:
     def __init__(self, sock: socket.socket, conf: Config, loop: Loop,
                  pcap: Pcap | None = None, on_gone: Callable[[], None] | None = None,
-                 on_dataplane: Callable[[DataPlane | None], None] | None = None) -> None:
+                 on_dataplane: Callable[[DataPlane | None], None] | None = None,
+                 addrmap: AddressMap | None = None) -> None:
+        """`addrmap`: the session's, made at set-up (see DataPlane)."""
         self.sock = sock
+        self.addrmap = addrmap
         self.fd = sock.fileno()
         self.conf = conf
         self.loop = loop
@@ -154,7 +158,8 @@ class VhostUserConnection:
                          "vhost-user: the guest's driver changed its features: flows start over")
             self._stop_dataplane()
         self.tap = VhostUserTap(dev, self.loop, self.pcap)
-        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf))
+        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf),
+                                   self.addrmap)
         self.dataplane.on_tap_gone = lambda: None      # the control socket says when
         self.dataplane.start()
         self.device.limited.log("link up", logging.INFO,
