@@ -5,11 +5,8 @@ otherwise nobody if we are root in the initial user namespace; otherwise we
 stay who we are. Root inside any other user namespace (rootless podman runs us
 as uid 0 of its namespace) is already confined by that namespace, and
 switching to nobody there would only lose access to the caller's files (its
-0700 runtime directory, where the namespace file we watch lives). Whatever our
-user, we then drop every capability and set no_new_privs: the data path needs
-none (sockets, the tap fd and namespace entries were all made before).
-Capabilities are per thread in Linux, so any helper thread calls
-`drop_capabilities()` itself.
+0700 runtime directory, where the namespace file we watch lives).  The switch
+itself, capabilities and the rest happen in `common.sandbox.enter()`.
 """
 
 from __future__ import annotations
@@ -18,11 +15,6 @@ import logging
 import os
 import pwd
 from collections.abc import Callable
-
-try:    # imported now: after switch_user() our own install may be unreadable
-    import prctl  # python-prctl
-except ImportError:  # pragma: no cover - a declared dependency
-    prctl = None
 
 log = logging.getLogger("isolation")
 
@@ -103,22 +95,3 @@ def check_as(ids: tuple[int, int] | None, check: Callable[[], None]) -> None:
     if os.waitstatus_to_exitcode(status) != 0:
         errno_text, _, message = reply.decode(errors="replace").partition(" ")
         raise OSError(int(errno_text or 0), message or f"check as uid {ids[0]} failed")
-
-
-def drop_capabilities() -> None:
-    """Drop all capabilities of the calling thread and forbid regaining any."""
-    if prctl is None:
-        log.warning("python-prctl is missing: capabilities not dropped")
-        return
-    try:
-        prctl.set_no_new_privs(1)
-        for cap in prctl.ALL_CAPS:
-            try:
-                prctl.capbset.drop(cap)
-            except (OSError, ValueError):
-                pass
-        prctl.cap_inheritable.limit()
-        prctl.cap_effective.limit()
-        prctl.cap_permitted.limit()
-    except OSError as exc:
-        log.debug("dropping capabilities: %s", exc)

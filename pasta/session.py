@@ -4,8 +4,9 @@
 configures links through netlink, opens the capture file and builds the data
 plane; `watch_target()` / `watch_command()` arrange to notice the end of what
 we serve; `check()` proves, as the user we will run as, that what must keep
-working after readiness does; `drop_privileges()` switches to that user. (`pasta.cli.start_up`
-runs them in that order, before the parent is told we are ready.) `run()`
+working after readiness does; `enter_sandbox()` switches to that user and
+confines us (`common.sandbox`). (`pasta.cli.start_up` runs them in that order,
+before the parent is told we are ready.) `run()`
 serves until the namespace goes away, the command exits or a signal asks us to
 stop; `close()` undoes what exists (closing the tap fd removes the interface),
 and is safe after a partial `setup()`.
