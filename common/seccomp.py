@@ -232,6 +232,8 @@ def build(rules: Sequence[Rule], default: int = RET_KILL_PROCESS,
           arch: Arch | None = None) -> list[Insn]:
     """The filter program for `rules`: allowed calls return ALLOW, others `default`."""
     arch = arch or native_arch()
+    # a name this architecture lacks (epoll_wait on aarch64) cannot be called here
+    rules = [r for r in rules if r.name in arch.numbers]
     plain = sorted({arch.nr(r.name) for r in rules if r.arg is None})
     checked = [r for r in rules if r.arg is not None]
     # symbolic program: jumps name a label ("allow", "deny") or a count to skip

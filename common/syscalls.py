@@ -23,49 +23,45 @@ from common.seccomp import Rule
 
 # Calls of the data plane and of the Python runtime under it, both modes.
 COMMON: tuple[Rule, ...] = (
-    # the event loop
+    # the event loop (aarch64 has only epoll_pwait)
     Rule("epoll_wait"), Rule("epoll_pwait"), Rule("epoll_ctl"),
-    Rule("timerfd_settime"), Rule("timerfd_gettime"),
-    # descriptors: tap, sockets, pipes, timers, the log file
-    Rule("read"), Rule("write"), Rule("readv"), Rule("writev"),
-    Rule("close"), Rule("dup2"), Rule("dup3", "the daemon points 0-2 at /dev/null when ready"),
-    Rule("pread64", "the log file re-reads its tail when it shrinks"),
+    # descriptors: tap, sockets, pipes, inotify, the log file
+    Rule("read"), Rule("write"), Rule("writev", "the tap: vnet header and frame in one call"),
+    Rule("close"),
+    Rule("dup2", "the daemon points 0-2 at /dev/null when it reports ready"),
+    Rule("pread64", "the log file re-reads its tail when it shrinks (common.log)"),
     Rule("ftruncate", "... and truncates itself"),
-    Rule("lseek", "re-reading /proc/net tables kept open for `auto` scans"),
-    Rule("fcntl", "os.set_blocking, F_GETFL on adopted descriptors"),
-    Rule("ioctl", "FIONBIO (socket.setblocking), FIONREAD/SIOCOUTQ on sockets"),
-    Rule("fstat"),
+    Rule("lseek", "re-reading the /proc/net tables kept open for `auto` scans"),
+    Rule("fcntl", "os.set_blocking; Python's mmap duplicates the descriptor it maps"),
+    Rule("ioctl", "FIONBIO (socket.setblocking), FIONREAD on inotify and sockets"),
     Rule("newfstatat", "glibc's fstat(); pasta's netns watch looks its file up "
          "from a descriptor of the directory"),
-    Rule("pipe2", "splice pipes are made per connection"),
+    Rule("pipe2", "splice pipes, made per spliced connection"),
     Rule("splice", "loopback TCP, socket to pipe to socket"),
     # sockets, made and used at run time (flows, listeners re-bound by `auto`)
     Rule("socket", "only the families we ever use", arg=0,
          values=(socket.AF_INET, socket.AF_INET6)),
-    Rule("bind"), Rule("listen"), Rule("connect"), Rule("accept4"), Rule("accept"),
-    Rule("shutdown"), Rule("getsockname"), Rule("getpeername"),
-    Rule("setsockopt"), Rule("getsockopt"),
-    Rule("recvfrom"), Rule("recvmsg"), Rule("recvmmsg"),
-    Rule("sendto"), Rule("sendmsg"), Rule("sendmmsg"),
-    # the interpreter: memory, the GIL and thread waits, signals, time
-    Rule("mmap"), Rule("munmap"), Rule("mremap"), Rule("madvise"), Rule("brk"),
-    Rule("mprotect", "glibc malloc grows its arenas this way"),
-    Rule("futex", "the GIL and the namespace thread's queues"),
+    Rule("bind"), Rule("listen"), Rule("connect"), Rule("accept4"), Rule("shutdown"),
+    Rule("getsockname"), Rule("setsockopt"), Rule("getsockopt"),
+    Rule("recvfrom"), Rule("recvmsg", "ICMP errors from the error queue; vhost-user "
+                                      "messages with descriptors"),
+    Rule("sendto"),
+    # the interpreter: memory, the GIL and the namespace thread's queues, signals, time
+    Rule("mmap"), Rule("munmap"), Rule("madvise"), Rule("brk"),
+    Rule("mremap", "realloc of large blocks"), Rule("mprotect", "glibc malloc arenas"),
+    Rule("futex"),
     Rule("rt_sigaction"), Rule("rt_sigprocmask"), Rule("rt_sigreturn"),
     Rule("restart_syscall", "the kernel's own restart after a signal"),
-    Rule("clock_gettime"), Rule("clock_nanosleep"), Rule("gettimeofday"),
+    Rule("clock_gettime", "the vDSO's fallback"), Rule("gettimeofday", "the vDSO's fallback"),
     Rule("getpid", "logging records the PID in every message"),
     Rule("getuid"), Rule("geteuid"), Rule("getgid", "named in the ping_group_range warning"),
     Rule("getegid"),
-    Rule("gettid"),
-    Rule("getrandom", "random and secrets (ISNs, DHCPv6 transaction ids)"),
-    Rule("exit"), Rule("exit_group"),
+    Rule("exit", "the namespace thread ends"), Rule("exit_group"),
 )
 
 # pasta only
 PASTA: tuple[Rule, ...] = (
     Rule("wait4", "reaping the spawned command (os.waitpid)"),
-    Rule("waitid"),
 )
 
 # passt only
