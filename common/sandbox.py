@@ -43,6 +43,7 @@ only thing it does after set-up is `socket()`, which the filter allows anyway.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import importlib
 import logging
@@ -206,7 +207,11 @@ def preload(checksums: bool = True) -> None:
             raise SandboxError(f"cannot import {name} before the sandbox: {exc}") from None
     time.localtime()              # glibc reads /etc/localtime on first use
     time.strftime("%Y")
-    "x".encode("idna")
+    # codecs are imported on first lookup: json.loads(bytes) picks one of these by the
+    # first bytes of what a control client sent, idna comes with host names
+    for codec in ("idna", "utf-8-sig", "utf-16", "utf-16-be", "utf-16-le", "utf-32",
+                  "utf-32-be", "utf-32-le", "latin-1", "ascii"):
+        codecs.lookup(codec)
 
 
 class _NoImports:

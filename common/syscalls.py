@@ -42,7 +42,8 @@ COMMON: tuple[Rule, ...] = (
     Rule("socket", "only the families we ever use", arg=0,
          values=(socket.AF_INET, socket.AF_INET6)),
     Rule("bind"), Rule("listen"), Rule("connect"), Rule("accept4"), Rule("shutdown"),
-    Rule("getsockname"), Rule("setsockopt"), Rule("getsockopt"),
+    Rule("getsockname"), Rule("getpeername", "pesto --flows: each flow's addresses"),
+    Rule("setsockopt"), Rule("getsockopt", "TCP_INFO, SO_ERROR"),
     Rule("recvfrom"), Rule("recvmsg", "ICMP errors from the error queue; vhost-user "
                                       "messages with descriptors"),
     Rule("sendto"),

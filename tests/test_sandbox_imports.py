@@ -118,3 +118,16 @@ def test_imports_are_refused_after_the_sandbox_point():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=30)
     assert "import of xml after the sandbox was entered" in r.stdout, r.stdout + r.stderr
+
+
+def test_standard_library_lazy_paths_are_primed():
+    """Lazy imports inside the standard library, found by the integration suite: json
+    decoding bytes in UTF-16/32 (a control client's garbage) and idna."""
+    code = ("import json, sys\nfrom common import sandbox\nsandbox.preload(checksums=False)\n"
+            "sys.meta_path.insert(0, sandbox._NoImports())\n"
+            "for text in ('{}'.encode(e) for e in ('utf-16-le', 'utf-16-be', 'utf-32-le',"
+            " 'utf-32-be', 'utf-8-sig')):\n    json.loads(text)\n"
+            "'example.test'.encode('idna')\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=30)
+    assert r.stdout.strip() == "ok", r.stderr
