@@ -26,7 +26,7 @@ import signal
 import socket
 import stat
 
-from common import flowinfo, sandbox, seccomp
+from common import budget, flowinfo, sandbox, seccomp
 from common.conf import Config
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
@@ -103,6 +103,7 @@ class Session:
 
     def setup(self) -> None:
         raise_fd_limit()
+        budget.shared()      # sized now, from the raised limit: guests come after the sandbox
         if self.fd is not None:
             self._adopted = adopt_fd(self.fd)
         else:
