@@ -29,6 +29,9 @@ SETUP_ONLY = {
     ("common/process.py", "begin"): "start-up, before the session exists",
     ("pasta/cli.py", "run"): "start-up",
     ("passt/cli.py", "start_up"): "start-up",
+    ("passt/cli.py", "_run"): "start-up",
+    ("common/report.py", "to_syslog"): "after the sandbox the import is refused and the "
+    "ImportError caught: a new /dev/log socket (AF_UNIX) is not allowed there anyway",
     ("pasta/cli.py", "start_up"): "start-up",
     ("pasta/ns.py", "_check_type"): "opening the target namespaces",
     ("pasta/session.py", "_guest_state"): "Session.setup",
