@@ -34,7 +34,7 @@ import sys
 TYPE_CHECKING = False   # typing itself costs 2 ms at start-up
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
 VERSION = "0.1.0"
@@ -389,34 +389,39 @@ def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def program_main(mode: str, argv: Sequence[str] | None,
                  run: Callable[[dict[str, Any], Any], int],
-                 early: Callable[[dict[str, Any]], None] | None = None) -> int:
+                 early: Callable[[dict[str, Any]], Iterable[int] | None] | None = None) -> int:
     """The whole of `pasta`/`passt`: parse, --version, early(opts), run(opts, helper),
     one-line errors (common.report: stderr, the log file, syslog).
 
     `early` is what must happen within milliseconds of exec, before anything
-    slow is imported (passt binds its socket there).  Then the netlink helper
+    slow is imported (passt binds its socket there); it returns the descriptors
+    it made, which survive the closing of inherited ones.  Then the netlink helper
     (pyroute2) is forked, so that it loads while we import the rest; it is
     always closed on the way out.
     """
     from common import report  # noqa: PLC0415
-    from common.sandbox import at_start, fd_from_argv  # noqa: PLC0415
 
-    # before anything else exists: not dumpable, nothing inherited but -F
-    given_fd = fd_from_argv(sys.argv[1:] if argv is None else argv,
-                            [(o.flags, o.kind != "flag") for o in OPTIONS if mode in o.modes])
-    at_start(keep=() if given_fd is None else (given_fd,))
+    report.std_fds()          # so that nothing we open lands on 0-2 (a closed stdin, say)
     report.protect_stderr()
     opts = main_parse(mode, argv)
     if opts.get("version"):
         print(f"{mode} {VERSION} (passt for Python)")
         return 0
     log_file = opts.get("log_file")
+    kept: tuple[int, ...] = ()
     if early is not None:
         try:
-            early(opts)
+            kept = tuple(early(opts) or ())
         except report.SetupError as exc:
             report.error(mode, str(exc), log_file)
             return 1
+    # only now, as importing the sandbox costs tens of milliseconds that `early` can't
+    # wait for: not dumpable, nothing inherited but -F and what `early` made
+    from common.sandbox import at_start, fd_from_argv  # noqa: PLC0415
+
+    given_fd = fd_from_argv(sys.argv[1:] if argv is None else argv,
+                            [(o.flags, o.kind != "flag") for o in OPTIONS if mode in o.modes])
+    at_start(keep=kept if given_fd is None else (*kept, given_fd))
     from common.conf import ConfigError  # noqa: PLC0415
     from common.helper import Helper, HelperError  # noqa: PLC0415
 

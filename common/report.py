@@ -63,6 +63,18 @@ class _QuietStream:
         return getattr(self.stream, name)
 
 
+def std_fds() -> None:
+    """Standard descriptors a caller left closed are /dev/null, not the next file we open."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)     # lands on the lowest free number
+            if null != fd:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+
+
 def protect_stderr() -> None:
     if not isinstance(sys.stderr, _QuietStream):
         sys.stderr = _QuietStream(sys.stderr)

@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common import isolation, seccomp, syscalls
+from common import isolation, report, seccomp, syscalls
 
 if TYPE_CHECKING:
     from common.conf import Config
@@ -165,14 +165,7 @@ def at_start(keep: Iterable[int] = ()) -> None:
     """Not dumpable; inherited descriptors closed (but 0-2 and `keep`); 0-2 populated."""
     set_dumpable(False)
     close_inherited(keep)
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)     # lands on the lowest free number
-            if null != fd:
-                os.dup2(null, fd, inheritable=True)
-                os.close(null)
+    report.std_fds()
 
 
 def set_dumpable(on: bool) -> None:
@@ -232,10 +225,11 @@ class Plan:
     debug: bool = False              # trap instead of kill, and name the call
     debug_fds: tuple[int, ...] = (2,)
     checksums: bool = True           # we compute full checksums: preload numpy
+    extra: tuple[seccomp.Rule, ...] = ()   # calls on descriptors known only at run time
 
 
 def plan(mode: str, conf: Config, run_as: tuple[int, int] | None,
-         checksums: bool = True) -> Plan:
+         checksums: bool = True, extra: tuple[seccomp.Rule, ...] = ()) -> Plan:
     """The sandbox of `mode` as the configuration asks for it."""
     fds = [2]
     for handler in logging.getLogger().handlers:
@@ -244,7 +238,7 @@ def plan(mode: str, conf: Config, run_as: tuple[int, int] | None,
             fds.append(fd)
     return Plan(mode, run_as, chroot_fallback=conf.process.chroot_fallback,
                 debug=conf.log.debug or conf.log.trace, debug_fds=tuple(fds),
-                checksums=checksums)
+                checksums=checksums, extra=extra)
 
 
 def in_initial_userns() -> bool:
@@ -363,7 +357,7 @@ def enter(plan: Plan, other_thread: Callable[[Callable[..., object], object], ob
     _finish_thread(())
     if other_thread is not None:
         other_thread(_finish_thread, keep)
-    rules = syscalls.allowed(plan.mode)
+    rules = syscalls.allowed(plan.mode) + plan.extra
     if plan.debug:
         seccomp.trap_handler(plan.debug_fds, plan.mode, arch)
     prog = seccomp.build(rules, seccomp.RET_TRAP if plan.debug else seccomp.RET_KILL_PROCESS,

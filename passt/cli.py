@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     return program_main("passt", argv, run, early=listen_early)
 
 
-def listen_early(opts: dict[str, Any]) -> None:
+def listen_early(opts: dict[str, Any]) -> tuple[int, ...]:
     """Bind and listen on the guest socket first of all, within milliseconds of exec.
 
     libvirt 9.0, and scripts that run `passt &` then QEMU, start QEMU a few
@@ -46,13 +46,14 @@ def listen_early(opts: dict[str, Any]) -> None:
     guest that connects now waits in the backlog until we serve it.
     """
     if opts.get("fd") is not None or opts.get("print_capabilities"):
-        return
+        return ()
     from passt.sockpath import SocketPathError, bind_socket  # noqa: PLC0415
 
     try:
         opts["bound_socket"] = bind_socket(opts.get("socket"))
     except SocketPathError as exc:
         raise SetupError(str(exc)) from None
+    return (opts["bound_socket"][0].fileno(),)
 
 
 def parse_fd(text: str | None) -> int | None:
