@@ -72,6 +72,13 @@ PASST: tuple[Rule, ...] = (
 )
 
 
+def unlink_in(dir_fd: int) -> Rule:
+    """passt removes its own socket file at exit, as it found the path free: unlinkat()
+    in that one directory (held open from before the sandbox), nowhere else."""
+    return Rule("unlinkat", "our socket file, in its own directory only", arg=0,
+                values=(dir_fd,))
+
+
 def allowed(mode: str) -> tuple[Rule, ...]:
     """The allow-list of `mode` ("pasta" or "passt")."""
     extra = {"pasta": PASTA, "passt": PASST}[mode]

@@ -171,11 +171,14 @@ def test_passt_root_daemon(topo, procs, tmp_path):
             assert_confined(tasks, pid)
             assert_own_namespaces(pid, ("mnt", "ipc", "uts", "user"))
             assert os.listdir(f"/proc/{pid}/root") == []
-            kinds = classify_fds(pid, {})
+            kinds = classify_fds(pid, {str(d): "socket directory"})
             assert sorted(kinds[fd] for fd in (0, 1, 2)) == ["null"] * 3
             assert list(kinds.values()).count("socket") == 2   # listener, guest
+            # the socket's directory (O_PATH), to remove the socket from at exit
+            assert list(kinds.values()).count("socket directory") == 1
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(pid), timeout=5, what="passt to exit")
+        assert not sock.exists()
 
 
 def test_passt_keeps_fd_and_closes_the_rest(topo, procs, tmp_path):

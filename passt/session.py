@@ -26,7 +26,7 @@ import signal
 import socket
 import stat
 
-from common import budget, flowinfo, sandbox, seccomp
+from common import budget, flowinfo, sandbox, seccomp, syscalls
 from common.conf import Config
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
@@ -45,7 +45,6 @@ from passt.sockpath import (
     bind_socket,
     give_socket,
     qemu_hint,
-    same_socket,
 )
 
 log = logging.getLogger("passt")
@@ -96,6 +95,7 @@ class Session:
         self.control: ControlServer | None = None
         self.guests = 0
         self._adopted: socket.socket | None = None
+        self._dir_fd: int | None = None       # the socket's directory, once sandboxed
         self._paused = None           # the timer that watches the listener again
         self.addrmap: AddressMap | None = None
 
@@ -184,8 +184,15 @@ class Session:
     def enter_sandbox(self, run_as: tuple[int, int] | None) -> None:
         """The last step of set-up: the user we run as, a user namespace of our own,
         the empty root, the filter."""
+        extra = ()
+        if self.path is not None and self.listener is not None:
+            # the path leads nowhere in the empty root: keep its directory to remove
+            # our socket from at exit, as libvirt and scripts expect to find it gone
+            self._dir_fd = os.open(os.path.dirname(self.path) or ".",
+                                   os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            extra = (syscalls.unlink_in(self._dir_fd),)
         try:
-            sandbox.enter(sandbox.plan("passt", self.conf, run_as))
+            sandbox.enter(sandbox.plan("passt", self.conf, run_as, extra=extra))
         except (sandbox.SandboxError, seccomp.SeccompError) as exc:
             raise SetupError(f"sandbox: {exc}") from None
         except OSError as exc:
@@ -276,18 +283,30 @@ class Session:
             self.loop.remove(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            # inside the sandbox the path leads nowhere: the socket file stays, as
-            # C passt's does, and the next passt on that path replaces it
-            if (self.path is not None and not sandbox.entered()
-                    and same_socket(self.path, self._ino)):
-                try:
-                    os.unlink(self.path)
-                except OSError:
-                    pass       # after dropping root the directory may not be ours
+            if self.path is not None:
+                self._remove_socket_file()
         if self.pcap is not None:
             self.pcap.close()
             self.pcap = None
         self.loop.close()
+
+
+    def _remove_socket_file(self) -> None:
+        """Remove the socket file if it still is ours (in the sandbox: through the
+        directory descriptor kept for this)."""
+        assert self.path is not None
+        name, dir_fd = self.path, None
+        if self._dir_fd is not None:
+            name, dir_fd = os.path.basename(self.path), self._dir_fd
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._ino:
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass       # not ours to remove (any more), or not allowed: it stays
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 def raise_fd_limit() -> None:

@@ -123,3 +123,27 @@ def test_debug_mode_names_the_call(call, name):
     r = run_child("pasta", call, debug=True)
     assert r.returncode == 128 + signal.SIGSYS, (r.returncode, r.stderr)
     assert f"forbidden system call {name} (" in r.stderr
+
+
+UNLINK_CHILD = """
+import os, sys
+from common import seccomp, syscalls
+ours, other = (os.open(d, os.O_PATH | os.O_DIRECTORY) for d in sys.argv[1:3])
+seccomp.install(seccomp.build(syscalls.allowed("passt") + (syscalls.unlink_in(ours),)))
+os.unlink("sock", dir_fd=ours)                  # allowed: passt's own socket directory
+os.write(1, b"removed\\n")
+os.unlink("file", dir_fd=other)                 # anywhere else: killed
+os._exit(0)
+"""
+
+
+def test_unlink_only_in_the_socket_directory(tmp_path):
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    for d, name in ((ours, "sock"), (other, "file")):
+        d.mkdir()
+        (d / name).touch()
+    r = subprocess.run([sys.executable, "-c", UNLINK_CHILD, str(ours), str(other)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)
+    assert r.stdout == "removed\n"
+    assert not (ours / "sock").exists() and (other / "file").exists()
