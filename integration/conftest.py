@@ -125,6 +125,14 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+def wait_sandboxed(pid: int, timeout: float = 15.0) -> None:
+    """Wait until pasta/passt PID has finished set-up: its last step installs seccomp."""
+    def confined() -> bool:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split() == ["Seccomp:", "2"] for line in f)
+    wait_for(confined, timeout=timeout, what=f"process {pid} to enter its sandbox")
+
+
 @dataclass
 class Netns:
     name: str

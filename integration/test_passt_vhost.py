@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import our_command, pid_alive, stop_pid, wait_for
+from integration.conftest import our_command, pid_alive, stop_pid, wait_for, wait_sandboxed
 from integration.guest import GuestImage, build_guest, default_cache_dir, run_guest
 from integration.guest.hostnet import daemon, socket_dir
 from integration.test_passt_guest import (
@@ -140,7 +140,7 @@ def test_guests_come_and_go_and_nothing_leaks(guest_image: GuestImage, tmp_path:
         passt = stack.enter_context(daemon(
             [*up.exec_prefix(), *our_command("passt"), "-f", "-d", "--vhost-user",
              "-s", str(sock)], log, ready=sock))
-        time.sleep(0.3)
+        wait_sandboxed(passt.pid)
         baseline = fds_of(passt.pid)
 
         def why(result=None) -> str:
