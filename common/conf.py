@@ -25,7 +25,7 @@ from typing import Any
 from common.fwd import NONE as FWD_NONE
 from common.fwd import ForwardSpec, forward_config
 from common.helper import Helper
-from common.hostinfo import HostInfo, HostRoute, discover
+from common.hostinfo import HostInfo, HostRoute, discover, prefetch_netlink
 
 MTU_DEFAULT = 65520
 MTU_MIN = 68
@@ -267,11 +267,20 @@ def _nat(values: list[str] | None, what: str) -> tuple:
     return v4, v6
 
 
+def _template_ifaces(opts: dict[str, Any]) -> tuple[str | None, str | None]:
+    iface = opts.get("interface")      # the template; else --outbound-if4/6 (pasta(1))
+    return iface or opts.get("outbound_if4"), iface or opts.get("outbound_if6")
+
+
+def start_host_discovery(opts: dict[str, Any], helper: Helper) -> None:
+    """Have `helper` look at the host now, while we do other things: `host_config`
+    collects the answer."""
+    prefetch_netlink(*_template_ifaces(opts), helper=helper)
+
+
 def host_config(mode: str, opts: dict[str, Any], helper: Helper) -> Config:
     """The Config for `mode`: the host as netlink shows it (asked of `helper`), and `opts`."""
-    iface = opts.get("interface")      # the template; else --outbound-if4/6 (pasta(1))
-    host = discover(iface or opts.get("outbound_if4"), iface or opts.get("outbound_if6"),
-                    helper=helper)
+    host = discover(*_template_ifaces(opts), helper=helper)
     try:
         return build_config(mode, opts, host, forward_parser=forward_config)
     except ValueError as exc:       # fwd.SpecError

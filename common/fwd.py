@@ -293,7 +293,7 @@ def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
         addr = IPv4Address(0) if families[0] == 4 else IPv6Address(0)
 
     includes: list[tuple[int, int, int, Address | None]] = []
-    excluded: set[int] = set()
+    excluded: list[tuple[int, int]] = []              # (first, last) ranges
     scan = False
     all_to: Address | None = None
     for item in body.split(","):
@@ -312,10 +312,10 @@ def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
             if ":" in item:
                 raise ValueError(f"exclusion '{show(item)}' cannot have a target")
             first, last = _range(item[1:], "port")
-            clash = excluded.intersection(range(first, last + 1))
+            clash = [max(first, f) for f, la in excluded if f <= last and first <= la]
             if clash:
                 raise ValueError(f"port {min(clash)} excluded twice")
-            excluded.update(range(first, last + 1))
+            excluded.append((first, last))
         else:
             src, colon, dst = item.partition(":")
             first, last = _range(src, "port")
@@ -326,7 +326,7 @@ def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
     if weak:
         lo, hi = ephemeral() if callable(ephemeral) else ephemeral
         includes = [(1, PORT_MAX, 1, all_to)]
-        excluded |= set(range(lo, hi + 1))
+        excluded.append((lo, hi))
     rules: list[Rule] = []
     for first, last, to, to_addr in includes:
         if to_addr is not None:
@@ -355,16 +355,17 @@ def _check_target(addr: Address | None, to_addr: Address, ns_side: bool) -> None
                          f"{to_addr.version} target {to_addr}")
 
 
-def _runs(rule: Rule, excluded: set[int]) -> list[Rule]:
-    """`rule` split around the excluded ports."""
-    out, start = [], None
-    for p in range(rule.first, rule.last + 2):
-        inside = p <= rule.last and p not in excluded
-        if inside and start is None:
-            start = p
-        elif not inside and start is not None:
-            out.append(replace(rule, first=start, last=p - 1, to=rule.target(start)))
-            start = None
+def _runs(rule: Rule, excluded: Sequence[tuple[int, int]]) -> list[Rule]:
+    """`rule` split around the excluded (first, last) port ranges."""
+    out, start = [], rule.first
+    for first, last in sorted(excluded):
+        if last < start or first > rule.last:
+            continue
+        if first > start:
+            out.append(replace(rule, first=start, last=first - 1, to=rule.target(start)))
+        start = max(start, last + 1)
+    if start <= rule.last:
+        out.append(replace(rule, first=start, last=rule.last, to=rule.target(start)))
     return out
 
 

@@ -79,6 +79,7 @@ def read_resolv_conf(path: str = "/etc/resolv.conf") -> ResolvConf:
 
 IFF_LOOPBACK = 0x8
 RTN_UNICAST = 1
+RT_TABLE_MAIN = 254
 
 
 def _oif(route) -> int | None:
@@ -92,12 +93,20 @@ def _oif(route) -> int | None:
 
 def _discover_netlink(if4: str | None, if6: str | None) -> dict:
     """Runs in the helper child: the only place pyroute2 is imported."""
-    from pyroute2 import IPRoute  # noqa: PLC0415 - deliberately lazy
+    from common.rtnl import (  # noqa: PLC0415 - only in the helper
+        RTM_GETADDR,
+        RTM_GETLINK,
+        RTM_GETROUTE,
+        Rtnl,
+        ifaddrmsg,
+        ifinfmsg,
+        rtmsg,
+    )
 
     out: dict = {"macs": {}, "v4": None, "v6": None}
-    with IPRoute() as ipr:
+    with Rtnl() as nl:
         names, loopbacks = {}, set()
-        for link in ipr.get_links():
+        for link in nl.dump(ifinfmsg, RTM_GETLINK):
             name = link.get_attr("IFLA_IFNAME")
             names[link["index"]] = name
             if link["flags"] & IFF_LOOPBACK:
@@ -108,8 +117,9 @@ def _discover_netlink(if4: str | None, if6: str | None) -> dict:
         for family, key, wanted in ((socket.AF_INET, "v4", if4), (socket.AF_INET6, "v6", if6)):
             # unicast routes of the main table, through an interface other than lo,
             # and not to link-local destinations: what can carry the guest's traffic
-            usable = [r for r in ipr.get_routes(family=family, table=254)
-                      if r["type"] == RTN_UNICAST and _oif(r) not in (None, *loopbacks)
+            usable = [r for r in nl.dump(rtmsg, RTM_GETROUTE, family=family)
+                      if (r.get_attr("RTA_TABLE") or r["table"]) == RT_TABLE_MAIN
+                      and r["type"] == RTN_UNICAST and _oif(r) not in (None, *loopbacks)
                       and not (r["dst_len"] and
                                ipaddress.ip_address(r.get_attr("RTA_DST")).is_link_local)]
             defaults = sorted((r for r in usable if r["dst_len"] == 0),
@@ -127,7 +137,9 @@ def _discover_netlink(if4: str | None, if6: str | None) -> dict:
                 continue
             gateway = defaults[0].get_attr("RTA_GATEWAY") if defaults else None
             addrs, link_local = [], None
-            for a in ipr.get_addr(family=family, index=index):
+            for a in nl.dump(ifaddrmsg, RTM_GETADDR, family=family):
+                if a["index"] != index:
+                    continue
                 addr = a.get_attr("IFA_ADDRESS") if family == socket.AF_INET6 else (
                     a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
                 if addr is None:
@@ -149,6 +161,11 @@ def _discover_netlink(if4: str | None, if6: str | None) -> dict:
             out[key] = {"ifname": names[index], "gateway": gateway, "addrs": addrs,
                         "link_local": link_local, "routes": routes}
     return out
+
+
+def prefetch_netlink(if4: str | None, if6: str | None, helper: Helper) -> None:
+    """Start the netlink half of `discover` in `helper` now (same arguments)."""
+    helper.prefetch(_discover_netlink, if4, if6)
 
 
 def discover(if4: str | None = None, if6: str | None = None,

@@ -202,9 +202,9 @@ class PortForwarder:
         scanned = self.scanned
         for rule in rules:
             to_addr = packed(rule.to_addr) if rule.to_addr is not None else None
-            for port in rule.ports:
-                if rule.scan and port not in scanned:
-                    continue
+            # a scanned rule spans thousands of ports of which few are in use
+            ports = sorted(p for p in scanned if p in rule.ports) if rule.scan else rule.ports
+            for port in ports:
                 want[(rule.addr, rule.ifname, port)] = (rule.target(port), to_addr, rule)
         return want
 

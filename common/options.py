@@ -389,21 +389,24 @@ def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def program_main(mode: str, argv: Sequence[str] | None,
                  run: Callable[[dict[str, Any], Any], int],
-                 early: Callable[[dict[str, Any]], Iterable[int] | None] | None = None) -> int:
+                 early: Callable[[dict[str, Any]], Iterable[int] | None] | None = None,
+                 helper_modules: Sequence[str] = ()) -> int:
     """The whole of `pasta`/`passt`: parse, --version, early(opts), run(opts, helper),
     one-line errors (common.report: stderr, the log file, syslog).
 
     `early` is what must happen within milliseconds of exec, before anything
     slow is imported (passt binds its socket there); it returns the descriptors
     it made, which survive the closing of inherited ones.  Then the netlink helper
-    (pyroute2) is forked, so that it loads while we import the rest; it is
+    (pyroute2) is forked, so that it loads while we import the rest (and
+    `helper_modules`, those of the functions we will ask it to run); it is
     always closed on the way out.
     """
-    from common import report  # noqa: PLC0415
+    from common import phases, report  # noqa: PLC0415
 
     report.std_fds()          # so that nothing we open lands on 0-2 (a closed stdin, say)
     report.protect_stderr()
     opts = main_parse(mode, argv)
+    phases.mark("parsed")
     if opts.get("version"):
         print(f"{mode} {VERSION} (passt for Python)")
         return 0
@@ -417,20 +420,45 @@ def program_main(mode: str, argv: Sequence[str] | None,
             return 1
     # only now, as importing the sandbox costs tens of milliseconds that `early` can't
     # wait for: not dumpable, nothing inherited but -F and what `early` made
-    from common.sandbox import at_start, fd_from_argv  # noqa: PLC0415
+    from common.sandbox_start import at_start, fd_from_argv  # noqa: PLC0415
 
     given_fd = fd_from_argv(sys.argv[1:] if argv is None else argv,
                             [(o.flags, o.kind != "flag") for o in OPTIONS if mode in o.modes])
     at_start(keep=kept if given_fd is None else (*kept, given_fd))
-    from common.conf import ConfigError  # noqa: PLC0415
-    from common.helper import Helper, HelperError  # noqa: PLC0415
+    phases.mark("sandbox at start")
+    from common.helper import Helper  # noqa: PLC0415
 
-    helper = Helper(preload="pyroute2")
+    # pyroute2's package __init__ imports the whole library (ndb, ipdb, ...: 0.15 s);
+    # the helper loads only the modules we use, and starts now, so that it has done
+    # so by the time we ask it anything
+    helper = Helper(preload=("common.rtnl", *helper_modules), bypass_init=("pyroute2",))
+    phases.mark("helper forked")
+    from common.conf import ConfigError  # noqa: PLC0415
+    from common.helper import HelperError  # noqa: PLC0415
     try:
         try:
-            return run(opts, helper)
+            code = run(opts, helper)
         except (report.SetupError, ConfigError, HelperError) as exc:
             report.error(mode, str(exc), log_file)
-            return 1
+            code = 1
     finally:
         helper.close()
+    if argv is None:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Exit the program without the interpreter's teardown of every module and
+    object (15-20 ms that `pasta -- CMD` would add to CMD's run): everything we
+    opened is closed by now; what is left to do is flush what was written."""
+    import logging  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

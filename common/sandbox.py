@@ -2,11 +2,12 @@
 
 Design rule 10: after set-up, only descriptors.  The steps, in order:
 
-1. `at_start()`, first thing in the process: no longer dumpable (the command
-   pasta spawns, or anything else running as our user, cannot ptrace us or
-   read our memory and environment), every inherited descriptor above 2 closed
-   except `-F/--fd`, and 0-2 pointed at /dev/null if the caller left them closed
-   (else a socket could become our "stderr").
+1. `at_start()` (`common.sandbox_start`: cheap to import), first thing in the
+   process: no longer dumpable (the command pasta spawns, or anything else
+   running as our user, cannot ptrace us or read our memory and environment),
+   every inherited descriptor above 2 closed except `-F/--fd`, and 0-2 pointed
+   at /dev/null if the caller left them closed (else a socket could become our
+   "stderr").
 2. Set-up runs as today: it opens everything it will ever need.  `preload()`
    then imports every module the data plane may import lazily, and primes the
    few lazy things of the standard library (time zone, encodings).
@@ -51,11 +52,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common import isolation, report, seccomp, syscalls
+from common import isolation, sandbox_start, seccomp, syscalls
 
 if TYPE_CHECKING:
     from common.conf import Config
@@ -121,68 +122,11 @@ def entered() -> bool:
 
 
 # ---------------------------------------------------------------- 1. at start
-
-def fd_from_argv(argv: Sequence[str], options: Iterable[tuple[Sequence[str], bool]]) -> int | None:
-    """The -F/--fd value in argv, read the way getopt_long would, or None.
-
-    `options`: (flags, takes_value) for every option of the mode, so that a
-    value that merely looks like "-F" is not taken for the option.
-    """
-    short_value = {f[1] for flags, v in options if v for f in flags if len(f) == 2}
-    found: str | None = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            if name == "fd":
-                if not eq and i < len(argv):
-                    value = argv[i]
-                    i += 1
-                found = value
-            elif not eq and any(f"--{name}" in flags and v for flags, v in options):
-                i += 1
-            continue
-        if arg.startswith("-") and len(arg) > 1:
-            for pos, letter in enumerate(arg[1:], 1):
-                if letter in short_value:
-                    value = arg[pos + 1:]
-                    if not value and i < len(argv):
-                        value = argv[i]
-                        i += 1
-                    if letter == "F":
-                        found = value
-                    break
-    if found is not None and found.isdigit():
-        return int(found)
-    return None
-
-
-def at_start(keep: Iterable[int] = ()) -> None:
-    """Not dumpable; inherited descriptors closed (but 0-2 and `keep`); 0-2 populated."""
-    set_dumpable(False)
-    close_inherited(keep)
-    report.std_fds()
-
-
-def set_dumpable(on: bool) -> None:
-    if prctl is not None:
-        prctl.set_dumpable(on)
-    else:  # pragma: no cover
-        _libc.prctl(4, int(on), 0, 0, 0)         # PR_SET_DUMPABLE
-
-
-def close_inherited(keep: Iterable[int] = ()) -> None:
-    """Close every descriptor from 3 up, except those in `keep`."""
-    low = 3
-    for fd in sorted(f for f in set(keep) if f >= 3):
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)   # close_range(2) underneath: one system call
+# (common.sandbox_start: this module's imports cost 25-50 ms, which would delay
+# the start of everything else; these names stay here too)
+at_start, close_inherited, fd_from_argv, set_dumpable = (
+    sandbox_start.at_start, sandbox_start.close_inherited, sandbox_start.fd_from_argv,
+    sandbox_start.set_dumpable)
 
 
 # ---------------------------------------------------------------- 2. before the sandbox

@@ -14,30 +14,30 @@ command) released: exit 0 means configured and staying up.
 
 from __future__ import annotations
 
-import logging
 import os
-import pwd
-import signal
 import sys
-from typing import TYPE_CHECKING, Any
 
-from common import log as logsetup
-from common import report
-from common.conf import Config, ConfigError, describe, host_config
-from common.helper import Helper, HelperError
+from common import phases  # noqa: F401 - first: it notes when our first line ran
 from common.options import program_main
-from common.process import PidFile, Readiness, SetupError, begin, daemonize, serve
+from common.report import SetupError
 
+TYPE_CHECKING = False   # typing itself costs 2 ms at start-up
 if TYPE_CHECKING:
+    from typing import Any
+
+    from common.conf import Config
+    from common.helper import Helper
+    from common.process import PidFile
     from pasta.ns import SpawnedCommand, Target
     from pasta.session import Session
 
-log = logging.getLogger("pasta")
 
 def default_shell() -> str:
     shell = os.environ.get("SHELL")
     if shell:
         return shell
+    import pwd  # noqa: PLC0415
+
     try:
         return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
     except KeyError:
@@ -62,15 +62,30 @@ def split_target(opts: dict[str, Any]) -> tuple[int | None, list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return program_main("pasta", argv, run)
+    # the helper configures the namespace (pasta.netcfg): it loads that module meanwhile
+    return program_main("pasta", argv, run, helper_modules=("pasta.netcfg",))
 
 
 def run(opts: dict[str, Any], helper: Helper) -> int:
     # Everything that can be refused is refused here, before anything exists.
+    pid, command = split_target(opts)
+    from common.conf import ConfigError, host_config, start_host_discovery  # noqa: PLC0415
+
+    start_host_discovery(opts, helper)
+    # What set-up needs is imported now, while the helper still loads pyroute2
+    # (on another core) and looks at the host, before we wait for its answer
+    import logging  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from common import report  # noqa: PLC0415
+    from common.helper import HelperError  # noqa: PLC0415
+    from common.process import Readiness, begin, daemonize, serve  # noqa: PLC0415
+    from pasta import session as _session  # noqa: F401, PLC0415 - the data plane, loaded now
     from pasta.ns import NamespaceError, SpawnedCommand, join_userns, open_target  # noqa: PLC0415
 
-    pid, command = split_target(opts)
+    phases.mark("imported")
     conf = host_config("pasta", opts, helper)
+    phases.mark("host config")
     if opts.get("ns_mac_addr"):
         from common.conf import parse_mac  # noqa: PLC0415
         parse_mac(opts["ns_mac_addr"])
@@ -84,6 +99,7 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
             target = open_target(pid=pid, netns=opts.get("netns"), userns=opts.get("userns"),
                                  netns_only=bool(opts.get("netns_only")))
         join_userns(target)
+        phases.mark("namespace")
     except NamespaceError as exc:
         if spawned is not None:
             spawned.abort()
@@ -112,7 +128,10 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
         spawned.go()
     elif not conf.process.foreground:
         readiness.ready()
-    return serve(session, pid_file, "pasta")
+    code = serve(session, pid_file, "pasta")
+    phases.mark("closed")
+    logging.getLogger("pasta").debug("start-up and exit: %s", phases.summary())
+    return code
 
 
 def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
@@ -124,8 +143,13 @@ def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
     parent (or the held-back command) is told we are ready; on failure what
     exists is undone and the error (one line) propagates.
     """
+    import logging  # noqa: PLC0415
+
+    from common import log as logsetup  # noqa: PLC0415
+    from common.conf import describe  # noqa: PLC0415
     from pasta.session import Session  # noqa: PLC0415
 
+    log = logging.getLogger("pasta")
     session = Session(conf, opts, target, helper)
     try:
         # set-up: tap, netlink configuration, data plane, listeners, what ends us
@@ -143,6 +167,8 @@ def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
             logsetup.detach(conf.log, "pasta")   # syslog's socket: before the sandbox
         # the last step: the user we run as, the empty root, the filter
         session.enter_sandbox(run_as)
+        phases.mark("ready")
+        log.debug("start-up: %s", phases.summary())
     except BaseException:
         session.close()
         raise

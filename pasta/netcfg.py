@@ -6,10 +6,11 @@ with our MTU and, if given, its MAC; with `--config-net` the host's addresses
 `--config-net` only `lo` and the MTU/MAC are set, and the guest configures
 itself through DHCP, SLAAC or DHCPv6.
 
-pyroute2 costs 25 MiB and a tenth of a second or more to import, so all of
-this runs in the helper process (`common.helper.Helper`, forked at start-up
-with pyroute2 loaded meanwhile), which enters the namespace, configures it
-and exits: none of that cost stays in pasta.
+pyroute2 costs memory and time to import, so all of this runs in the helper
+process (`common.helper.Helper`, forked at start-up with pyroute2's message
+classes loaded meanwhile), which enters the namespace, configures it and
+exits: none of that cost stays in pasta.  The requests go through
+`common.rtnl` (blocking, one at a time), not pyroute2's asyncio `IPRoute`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from __future__ import annotations
 import errno
 import ipaddress
 from dataclasses import asdict, dataclass, field
+from socket import AF_INET, AF_INET6
 
-from common.conf import Config
-from common.helper import Helper
+TYPE_CHECKING = False            # the helper imports this module: only what it needs
+if TYPE_CHECKING:
+    from common.conf import Config
+    from common.helper import Helper
 
 IFA_F_NODAD = 0x02
 IFA_F_TENTATIVE = 0x40
+IFF_UP = 0x1
+RT_SCOPE_LINK = 253
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3                         # as ip(8) marks the routes it adds
+RTN_UNICAST = 1
 
 
 @dataclass
@@ -61,9 +70,20 @@ def plan(conf: Config, ifname: str, mac: str | None, *, config_net: bool,
 
 def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict:
     """Runs in the helper: enter the namespaces and apply the plan."""
-    from pyroute2 import IPRoute  # noqa: PLC0415 - deliberately lazy, see module docstring
-    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
-
+    from common.rtnl import (  # noqa: PLC0415 - only in the helper
+        NLM_F_CREATE,
+        NLM_F_EXCL,
+        RTM_DELADDR,
+        RTM_GETADDR,
+        RTM_NEWADDR,
+        RTM_NEWLINK,
+        RTM_NEWROUTE,
+        NetlinkError,
+        Rtnl,
+        ifaddrmsg,
+        ifinfmsg,
+        rtmsg,
+    )
     from pasta.ns import CLONE_NEWNET, CLONE_NEWUSER, setns  # noqa: PLC0415
 
     if userns_fd is not None:          # rootless: the user namespace gives the right to enter
@@ -71,57 +91,72 @@ def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict
     setns(netns_fd, CLONE_NEWNET)
     p = NetPlan(**plan_dict)
     done: dict = {"addrs": [], "routes": []}
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")
-        if lo:
-            ipr.link("set", index=lo[0], state="up")
+
+    def set_link(index: int, attrs: list, up: bool = False) -> None:
+        fields = {"index": index, "flags": IFF_UP, "change": IFF_UP} if up else {"index": index}
+        nl.change(ifinfmsg, RTM_NEWLINK, fields, attrs)
+
+    def addr(msg_type: int, index: int, address: str, prefixlen: int, flags: int) -> None:
+        v6 = ":" in address
+        attrs = [("IFA_ADDRESS", address)] if v6 else [("IFA_LOCAL", address),
+                                                       ("IFA_ADDRESS", address)]
+        if flags:
+            attrs.append(("IFA_FLAGS", flags))
+        nl.change(ifaddrmsg, msg_type,
+                  {"family": AF_INET6 if v6 else AF_INET, "prefixlen": prefixlen,
+                   "flags": flags & 0xFF, "scope": 0, "index": index},
+                  attrs, NLM_F_CREATE | NLM_F_EXCL if msg_type == RTM_NEWADDR else 0)
+
+    with Rtnl() as nl:
+        lo = nl.link_index("lo")
+        if lo is not None:
+            set_link(lo, [], up=True)
         if not p.ifname:                    # --splice-only: no tap, only lo
             return done
-        found = ipr.link_lookup(ifname=p.ifname)
-        if not found:
+        idx = nl.link_index(p.ifname)
+        if idx is None:
             raise RuntimeError(f"tap {p.ifname} vanished from the namespace")
-        idx = found[0]
-        link = {"index": idx, "mtu": p.mtu}
+        attrs: list = [("IFLA_MTU", p.mtu)]
         if p.mac:
-            link["address"] = p.mac
-        ipr.link("set", **link)
+            attrs.append(("IFLA_ADDRESS", p.mac))
+        set_link(idx, attrs)
         if p.up:
-            ipr.link("set", index=idx, state="up")
+            set_link(idx, [], up=True)
             # The kernel's link-local stays tentative (duplicate address detection,
             # after a random delay of up to a second) and unusable meanwhile; in
             # IPv6 local mode it is the only address, and routes via fe80::1 need
             # it.  Like the global addresses, it gets no DAD: put it back "nodad".
-            for a in ipr.get_addr(family=10, index=idx, scope=253):
-                if a["flags"] & IFA_F_TENTATIVE:
+            for a in nl.dump(ifaddrmsg, RTM_GETADDR, family=AF_INET6):
+                if a["index"] == idx and a["scope"] == RT_SCOPE_LINK and (
+                        (a.get_attr("IFA_FLAGS") or a["flags"]) & IFA_F_TENTATIVE):
                     ll, plen = a.get_attr("IFA_ADDRESS"), a["prefixlen"]
-                    ipr.addr("del", index=idx, address=ll, prefixlen=plen)
-                    ipr.addr("add", index=idx, address=ll, prefixlen=plen, flags=IFA_F_NODAD)
-        for addr, prefix in p.addrs:
-            family = 6 if ":" in addr else 4
-            kwargs = {"index": idx, "address": addr, "prefixlen": prefix}
-            if family == 6:
-                kwargs["flags"] = IFA_F_NODAD
+                    addr(RTM_DELADDR, idx, ll, plen, 0)
+                    addr(RTM_NEWADDR, idx, ll, plen, IFA_F_NODAD)
+        for address, prefix in p.addrs:
             try:
-                ipr.addr("add", **kwargs)
-                done["addrs"].append(f"{addr}/{prefix}")
+                addr(RTM_NEWADDR, idx, address, prefix, IFA_F_NODAD if ":" in address else 0)
+                done["addrs"].append(f"{address}/{prefix}")
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
-                    raise RuntimeError(f"cannot add address {addr}/{prefix}: {exc}") from None
+                    raise RuntimeError(f"cannot add address {address}/{prefix}: {exc}") from None
         # routes without a gateway first, so that gateways are reachable
         for dst, gw, metric in sorted(p.routes, key=lambda r: r[1] is not None):
-            family = 10 if ":" in (gw or dst) else 2
-            kwargs = {"oif": idx, "family": family, "proto": 3}   # RTPROT_BOOT, as ip(8)
-            if dst != "default":
-                net = ipaddress.ip_network(dst, strict=False)
-                kwargs.update(dst=str(net.network_address), dst_len=net.prefixlen)
+            family = AF_INET6 if ":" in (gw or dst) else AF_INET
+            if dst == "default":
+                dst_len, route = 0, []
             else:
-                kwargs.update(dst="::" if family == 10 else "0.0.0.0", dst_len=0)
+                net = ipaddress.ip_network(dst, strict=False)
+                dst_len, route = net.prefixlen, [("RTA_DST", str(net.network_address))]
+            route.append(("RTA_OIF", idx))
             if gw:
-                kwargs["gateway"] = gw
+                route.append(("RTA_GATEWAY", gw))
             if metric:
-                kwargs["priority"] = metric
+                route.append(("RTA_PRIORITY", metric))
             try:
-                ipr.route("add", **kwargs)
+                nl.change(rtmsg, RTM_NEWROUTE,
+                          {"family": family, "dst_len": dst_len, "table": RT_TABLE_MAIN,
+                           "proto": RTPROT_BOOT, "scope": 0, "type": RTN_UNICAST},
+                          route, NLM_F_CREATE | NLM_F_EXCL)
                 done["routes"].append(f"{dst} via {gw}" if gw else dst)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:

@@ -21,7 +21,7 @@ import signal
 import time
 from typing import Any
 
-from common import flowinfo, isolation, sandbox, seccomp
+from common import flowinfo, isolation, phases, sandbox, seccomp
 from common.conf import Config, format_mac, parse_mac
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
@@ -73,6 +73,7 @@ class Session:
     def setup(self) -> None:
         raise_fd_limit()
         self.ns = NsThread(self.target.netns_fd)
+        phases.mark("namespace thread")
         if self.conf.splice_only:
             self._setup_splice_only()
         else:
@@ -81,6 +82,7 @@ class Session:
             self.forwarding.start()
         except BindError as exc:
             raise SetupError(str(exc)) from None
+        phases.mark("forwarding")
         self._open_control()
         self.loop.on_signal(signal.SIGTERM, self._on_stop_signal)
         self.loop.on_signal(signal.SIGINT, self._on_stop_signal)
@@ -126,6 +128,7 @@ class Session:
                            copy_addrs=not self.opts.get("no_copy_addrs"),
                            copy_routes=not self.opts.get("no_copy_routes"))
         self.tap = TunTap(fd, vnet_hdr=True)
+        phases.mark("tap")
         if self.conf.pcap:
             try:
                 self.pcap = self.tap.pcap = Pcap(self.conf.pcap)
@@ -133,10 +136,12 @@ class Session:
                 raise SetupError(exc.strerror) from None
         done = netcfg.apply(self.helper, plan, self.target.netns_fd, self.target.userns_fd)
         self.helper.close()           # its pyroute2 goes with it
+        phases.mark("netlink set-up")
         log.debug("namespace interface %s: %s", name, done)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap,
                                    _guest_state(self.conf, ns_mac))
         self.dataplane.start()
+        phases.mark("data plane")
         self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
                                           splice=not self.opts.get("no_splice"),
                                           udp=self.dataplane.udp, guest=self.dataplane.guest,
@@ -198,6 +203,7 @@ class Session:
 
     def watch_command(self, pid: int) -> None:
         def exited() -> None:
+            phases.mark("command exited")
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
             self.exit_code = code if code >= 0 else 128 - code

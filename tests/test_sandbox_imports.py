@@ -25,6 +25,7 @@ PACKAGES = ("common", "pasta", "passt")
 SETUP_ONLY = {
     ("common/hostinfo.py", "_discover_netlink"): "runs in the netlink helper process",
     ("pasta/netcfg.py", "_apply"): "runs in the netlink helper process",
+    ("common/helper.py", "_bypass_init"): "runs in the netlink helper process",
     ("common/options.py", "program_main"): "start of the program",
     ("common/process.py", "begin"): "start-up, before the session exists",
     ("pasta/cli.py", "run"): "start-up",
