@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
@@ -192,7 +193,10 @@ class PortForwarder:
     def _set_timer(self) -> None:
         want = any(r.scan for r in self.rules)
         if want and self._timer is None:
-            self._timer = self.loop.call_every(SCAN_INTERVAL, self.rescan)
+            # due on the monotonic clock's whole seconds, as pasta's other once-a-second
+            # timers (pasta/watch.py): an idle process wakes once for all of them
+            self._timer = self.loop.call_every(
+                SCAN_INTERVAL, self.rescan, first=SCAN_INTERVAL - time.monotonic() % SCAN_INTERVAL)
         elif not want and self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 
 from inotify_simple import INotify, flags
@@ -52,7 +53,9 @@ class NetnsFileWatch:
                                flags.DELETE | flags.MOVED_FROM | flags.CREATE | flags.ATTRIB
                                | flags.DELETE_SELF | flags.UNMOUNT)
         loop.add(self.inotify.fileno(), IN, self._event)
-        self.timer = loop.call_every(1.0, self.check)
+        # due on the monotonic clock's whole seconds, as the `auto` port scans
+        # (common/listeners.py): an idle pasta wakes once a second for all of them
+        self.timer = loop.call_every(1.0, self.check, first=1.0 - time.monotonic() % 1.0)
 
     def _event(self, _events: int) -> None:
         for ev in self.inotify.read(timeout=0):

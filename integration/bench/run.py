@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Benchmark our pasta against C pasta and slirp4netns in the same run, and judge the targets.
+"""Benchmark our pasta and passt against C pasta/passt and slirp4netns, and judge the targets.
 
-The measuring is done by the shared peer benchmark (`peers.py`: it makes the
-namespace, attaches each tool to it by PID as rootless engines do, runs
-iperf3 and request/response helpers, samples each tool's CPU and RSS).  This
-script runs it once per MTU (65520 and 1500), then reads its JSON results and
-prints one table per MTU with ours, C pasta and slirp4netns side by side, the
-ratios, and whether each target of the TCP issue is met:
+The pasta figures come from the shared peer benchmark (`peers.py`: it makes
+the namespace, attaches each tool to it by PID as rootless engines do, runs
+iperf3 and request/response helpers, samples each tool's CPU and RSS), once
+per MTU (65520 and 1500).  Then, unless skipped, the benchmarks of this
+directory: `startup.py` (start-up to a configured namespace, both ways pasta
+is started), `idle.py` (wake-ups per second and RSS with 0, 200 and 1000
+idle connections) and `passt_bench.py` (passt: a QEMU guest's throughput and
+passt's CPU per GB and peak RSS).  Every figure is one row: ours, C pasta
+(or passt), slirp4netns, the ratio ours/C, the target and the verdict; the
+rows are printed (markdown), written as JSON (`results.json`) and drawn as an
+SVG bar chart (`results.svg`, per group of figures: ours vs C vs slirp4netns).
 
-- tap throughput, both directions: >= slirp4netns and >= 0.7 x C pasta, and
-  no stalls (no half-second interval under 10 % of the run's median);
-- splice throughput: >= 0.9 x C pasta;
-- connections/s and request/response p50: within 1.5 x of C pasta;
-- RSS idle <= 40 MiB, and flat under load.
+Targets: issue 14's (request/response and connections/s as ratios to C
+pasta, start-up <= 150 ms, <= 2 wake-ups/s idle, pasta RSS idle <= 30 MiB,
+passt's CPU per GB <= 1.3 x C passt's at a guest throughput at least C
+passt's, passt's peak RSS <= 35 MiB) and no throughput row under C pasta's.
 
-    integration/bench/run.py [--quick] [--peers PATH] [--pasta PATH] [--mtu 65520,1500]
+    integration/bench/run.py [--rounds 3] [--quick] [--mtu 65520,1500] [--skip startup,idle,passt]
+                             [--out DIR] [--chart FILE] [--peers PATH] [--pasta PATH]
 """
 
 from __future__ import annotations
@@ -33,45 +38,59 @@ REPO = HERE.parent.parent
 PEERS_CANDIDATES = [os.environ.get("PEERS_PY", ""), str(REPO.parent / "shared/bench/peers.py"),
                     "/work/shared/bench/peers.py"]
 
-# (label, path, test, metric, better): rows of the table
+# (group, label, path, test, metric, target): the peer benchmark's rows.  A target is
+# ("ratio<=", x) or ("ratio>=", x) against C pasta, ("<=", x) absolute, or None (shown only).
+AT_LEAST_C = ("ratio>=", 1.0)
 ROWS = [
-    ("TCP ns->host 1 stream, Gbit/s", "tap", "tcp_out", "gbps", "high"),
-    ("TCP ns->host 4 streams, Gbit/s", "tap", "tcp_out_p4", "gbps", "high"),
-    ("TCP host->ns (ns-opened), Gbit/s", "tap", "tcp_rev", "gbps", "high"),
-    ("TCP host->ns port forward, Gbit/s", "tap", "tcp_in", "gbps", "high"),
-    ("splice ns->host 1 stream, Gbit/s", "splice", "tcp_out", "gbps", "high"),
-    ("splice ns->host 4 streams, Gbit/s", "splice", "tcp_out_p4", "gbps", "high"),
-    ("splice host->ns (ns-opened), Gbit/s", "splice", "tcp_rev", "gbps", "high"),
-    ("splice host->ns port forward, Gbit/s", "splice", "tcp_in", "gbps", "high"),
-    ("TCP RR ns->host p50, us", "tap", "rr_out", "p50_us", "low"),
-    ("TCP RR ns->host p99, us", "tap", "rr_out", "p99_us", "low"),
-    ("TCP RR host->ns p50, us", "tap", "rr_in", "p50_us", "low"),
-    ("splice RR ns->host p50, us", "splice", "rr_out", "p50_us", "low"),
-    ("connections/s ns->host", "tap", "crr_out", "cps", "high"),
-    ("splice connections/s ns->host", "splice", "crr_out", "cps", "high"),
-    ("UDP 100 Mbit/s ns->host, received Mbit/s", "tap", "udp_out", "mbps", "high"),
-    ("UDP 100 Mbit/s loss %", "tap", "udp_out", "loss_pct", "low"),
-    ("UDP RR ns->host p50, us", "tap", "udp_rr_out", "p50_us", "low"),
-    ("CPU ms per GB, TCP ns->host", "tap", "tcp_out", "tool_cpu_ms_per_gb", "low"),
-    ("CPU ms per GB, TCP host->ns", "tap", "tcp_in", "tool_cpu_ms_per_gb", "low"),
+    ("pasta throughput, Gbit/s", "TCP ns->host 1 stream", "tap", "tcp_out", "gbps", AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "TCP ns->host 4 streams", "tap", "tcp_out_p4", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "TCP host->ns (ns-opened)", "tap", "tcp_rev", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "TCP host->ns port forward", "tap", "tcp_in", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "splice ns->host 1 stream", "splice", "tcp_out", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "splice ns->host 4 streams", "splice", "tcp_out_p4", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "splice host->ns (ns-opened)", "splice", "tcp_rev", "gbps",
+     AT_LEAST_C),
+    ("pasta throughput, Gbit/s", "splice host->ns port forward", "splice", "tcp_in", "gbps",
+     AT_LEAST_C),
+    ("pasta latency, us", "TCP RR ns->host p50 (tap)", "tap", "rr_out", "p50_us",
+     ("ratio<=", 1.25)),
+    ("pasta latency, us", "TCP RR ns->host p99 (tap)", "tap", "rr_out", "p99_us",
+     ("ratio<=", 1.3)),
+    ("pasta latency, us", "TCP RR host->ns p50 (tap)", "tap", "rr_in", "p50_us", None),
+    ("pasta latency, us", "TCP RR ns->host p50 (splice)", "splice", "rr_out", "p50_us",
+     ("ratio<=", 1.15)),
+    ("pasta latency, us", "UDP RR ns->host p50", "tap", "udp_rr_out", "p50_us", None),
+    ("pasta connections/s", "connections/s ns->host (tap)", "tap", "crr_out", "cps", AT_LEAST_C),
+    ("pasta connections/s", "connections/s ns->host (splice)", "splice", "crr_out", "cps",
+     AT_LEAST_C),
+    ("pasta UDP", "UDP 100 Mbit/s ns->host, received Mbit/s", "tap", "udp_out", "mbps", None),
+    ("pasta UDP", "UDP 100 Mbit/s loss %", "tap", "udp_out", "loss_pct", None),
+    ("pasta CPU", "CPU ms per GB, TCP ns->host", "tap", "tcp_out", "tool_cpu_ms_per_gb", None),
+    ("pasta CPU", "CPU ms per GB, TCP host->ns", "tap", "tcp_in", "tool_cpu_ms_per_gb", None),
 ]
+IMPL_KEYS = (("ours", "ours"), ("c", "pasta-c"), ("slirp", "slirp4netns"))
 
 
 def find_peers(explicit: str | None) -> str:
-    for cand in [explicit or ""] + PEERS_CANDIDATES:
+    for cand in [explicit or "", *PEERS_CANDIDATES]:
         if cand and Path(cand).is_file():
             return cand
-    sys.exit("bench: peers.py not found (give --peers PATH or set PEERS_PY)")
+    sys.exit("bench: peers.py not found (--peers PATH or $PEERS_PY)")
 
 
 def our_pasta(explicit: str | None) -> str:
     if explicit:
         return explicit
-    prefix = Path(os.environ.get("PASST_PY_PREFIX", "/opt/passt-py"))
-    exe = prefix / "bin" / "pasta"
-    if exe.exists():
-        return str(exe)
-    sys.exit(f"bench: {exe} not found: run tools/install.sh first, or give --pasta")
+    prefix = os.environ.get("PASST_PY_PREFIX", "/opt/passt-py")
+    exe = Path(prefix) / "bin" / "pasta"
+    if not exe.exists():
+        sys.exit(f"bench: {exe} not found (tools/install.sh, --pasta or $PASST_PY_PREFIX)")
+    return str(exe)
 
 
 def run_peers(peers: str, pasta: str, mtu: int, args: argparse.Namespace, out: Path) -> dict:
@@ -88,6 +107,17 @@ def run_peers(peers: str, pasta: str, mtu: int, args: argparse.Namespace, out: P
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads((out / f"peers-mtu{mtu}.json").read_text())
+
+
+def run_json(script: str, extra: list[str], out: Path, name: str) -> dict | list | None:
+    """One of this directory's benchmarks, its JSON; None (and a note) if it failed."""
+    dest = out / f"{name}.json"
+    cmd = [sys.executable, str(HERE / script), *extra, "--json", str(dest)]
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        print(f"bench: {script} failed: its rows are left out", file=sys.stderr)
+        return None
+    return json.loads(dest.read_text())
 
 
 def metric(res: dict, impl: str, path: str, test: str, key: str) -> float | None:
@@ -116,69 +146,114 @@ def fmt(v: float | None) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "–"
-    return f"{a / b:.2f}"
-
-
-def judge(res: dict) -> list[str]:
-    lines = []
-
-    def check(name: str, ok: bool | None, detail: str) -> None:
+def figure(group: str, label: str, ours: float | None, c: float | None,
+           slirp: float | None, target: tuple[str, float] | None) -> dict:
+    """One row: the values, ours/C, the target as text and the verdict."""
+    ratio = ours / c if ours is not None and c else None
+    text, verdict = "", ""
+    if target is not None:
+        kind, limit = target
+        if kind == "<=":
+            text = f"<= {limit:g}"
+            ok = None if ours is None else ours <= limit
+        else:
+            text = f"{kind[-2:]} {limit:g} x C"
+            ok = None if ratio is None else (ratio <= limit if kind == "ratio<=" else
+                                             ratio >= limit)
         verdict = "n/a" if ok is None else ("met" if ok else "MISSED")
-        lines.append(f"| {name} | {verdict} | {detail} |")
+    return {"group": group, "label": label, "ours": ours, "c": c, "slirp": slirp,
+            "ratio": None if ratio is None else round(ratio, 3), "target": text,
+            "verdict": verdict}
 
+
+def peer_figures(res: dict, mtu: int) -> list[dict]:
+    out = []
+    suffix = "" if mtu == 65520 else f" (MTU {mtu})"
+    for group, label, path, test, key, target in ROWS:
+        vals = {k: metric(res, impl, path, test, key) for k, impl in IMPL_KEYS}
+        if path != "tap":
+            vals["slirp"] = None                       # slirp4netns has no splice path
+        out.append(figure(group + suffix, label, vals["ours"], vals["c"], vals["slirp"],
+                          target))
     for t in ("tcp_out", "tcp_out_p4", "tcp_rev", "tcp_in"):
-        o, c = metric(res, "ours", "tap", t, "gbps"), metric(res, "pasta-c", "tap", t, "gbps")
-        s = metric(res, "slirp4netns", "tap", t, "gbps")
-        ok = None if o is None or c is None else (o >= 0.7 * c and (s is None or o >= s))
-        check(f"tap {t}: >= 0.7 x C pasta and >= slirp4netns", ok,
-              f"ours {fmt(o)}, C {fmt(c)}, slirp {fmt(s)} Gbit/s")
         st = stalled(res, "ours", "tap", t)
-        check(f"tap {t}: no stalls", None if st is None else not st,
-              {None: "not measured", False: "no 0.5-s interval under 10 % of the median",
-               True: "stalled"}[st])
-    for t in ("tcp_out", "tcp_out_p4", "tcp_rev", "tcp_in"):
-        o, c = metric(res, "ours", "splice", t, "gbps"), metric(res, "pasta-c", "splice", t, "gbps")
-        check(f"splice {t}: >= 0.9 x C pasta", None if o is None or c is None else o >= 0.9 * c,
-              f"ours {fmt(o)}, C {fmt(c)} Gbit/s")
-    o = metric(res, "ours", "tap", "crr_out", "cps")
-    c = metric(res, "pasta-c", "tap", "crr_out", "cps")
-    check("connections/s: within 1.5 x of C pasta",
-          None if o is None or c is None else o * 1.5 >= c, f"ours {fmt(o)}, C {fmt(c)}")
-    for t in ("rr_out", "rr_in"):
-        o, c = metric(res, "ours", "tap", t, "p50_us"), metric(res, "pasta-c", "tap", t, "p50_us")
-        check(f"{t} p50: within 1.5 x of C pasta",
-              None if o is None or c is None else o <= 1.5 * c, f"ours {fmt(o)}, C {fmt(c)} us")
-    r = res["results"].get("ours", {})
-    idle, load = r.get("rss_idle_kb"), r.get("rss_load_max_kb")
-    check("RSS idle <= 40 MiB", None if idle is None else idle <= 40 * 1024,
-          f"{fmt(idle / 1024 if idle else None)} MiB")
-    check("RSS flat under load (<= idle + 8 MiB)",
-          None if idle is None or load is None else load <= idle + 8 * 1024,
-          f"max {fmt(load / 1024 if load else None)} MiB")
-    return lines
+        if st:
+            out.append({**figure("pasta stalls" + suffix, f"tap {t}: stalled", None, None,
+                                 None, None), "verdict": "MISSED",
+                        "target": "no 0.5 s interval under 10 % of the median"})
+    mib = {k: (res["results"].get(impl) or {}) for k, impl in IMPL_KEYS}
+    idle = {k: (r.get("rss_idle_kb") or 0) / 1024 or None for k, r in mib.items()}
+    load = {k: (r.get("rss_load_max_kb") or 0) / 1024 or None for k, r in mib.items()}
+    out.append(figure("pasta memory, MiB" + suffix, "RSS idle (peers.py)", idle["ours"],
+                      idle["c"], idle["slirp"], ("<=", 30.0)))
+    flat = None if idle["ours"] is None else ("<=", round(idle["ours"] + 8, 1))
+    out.append(figure("pasta memory, MiB" + suffix, "RSS max under load (idle + 8)",
+                      load["ours"], load["c"], load["slirp"], flat))
+    return out
 
 
-def report(res: dict, mtu: int) -> str:
-    out = [f"### MTU {mtu}", "",
-           "| test | ours | C pasta | slirp4netns | ours/C | ours/slirp |",
-           "|---|---|---|---|---|---|"]
-    for label, path, test, key, _better in ROWS:
-        o = metric(res, "ours", path, test, key)
-        c = metric(res, "pasta-c", path, test, key)
-        s = metric(res, "slirp4netns", path, test, key) if path == "tap" else None
-        out.append(f"| {label} | {fmt(o)} | {fmt(c)} | {fmt(s)} | {ratio(o, c)} | {ratio(o, s)} |")
-    for impl in ("ours", "pasta-c", "slirp4netns"):
-        r = res["results"].get(impl, {})
-        idle, load = r.get("rss_idle_kb"), r.get("rss_load_max_kb")
-        start = (r.get("setup") or {}).get("startup_s")
-        out.append(f"| {impl}: start-up ms / RSS idle / max MiB | "
-                   f"{fmt(start * 1000 if start else None)} / "
-                   f"{fmt(idle / 1024 if idle else None)} / {fmt(load / 1024 if load else None)}"
-                   " | | | | |")
-    out += ["", "| target | verdict | measured |", "|---|---|---|"] + judge(res) + [""]
+def startup_figures(res: dict) -> list[dict]:
+    out = []
+    for case, label in (("command", "pasta --config-net -- true"),
+                        ("podman", "podman's pattern (--netns PATH, daemon)")):
+        r = res["cases"].get(case) or {}
+        out.append(figure("start-up to a configured namespace, ms", label,
+                          (r.get("ours") or {}).get("median"),
+                          (r.get("pasta-c") or {}).get("median"), None, ("<=", 150.0)))
+    return out
+
+
+def idle_figures(res: dict) -> list[dict]:
+    out = []
+    r = res["results"]
+    counts = sorted({int(c) for impl in r.values() for c in impl}, key=int)
+    for count in counts:
+        vals = {k: (r.get(impl) or {}).get(str(count), {}).get("wakeups_per_s")
+                for k, impl in IMPL_KEYS}
+        out.append(figure("idle wake-ups per second", f"{count} idle connections",
+                          vals["ours"], vals["c"], vals["slirp"], ("<=", 2.0)))
+    for count in counts:
+        vals = {k: (r.get(impl) or {}).get(str(count), {}).get("rss_mib")
+                for k, impl in IMPL_KEYS}
+        out.append(figure("pasta memory, MiB", f"RSS idle, {count} connections (idle.py)",
+                          vals["ours"], vals["c"], vals["slirp"],
+                          ("<=", 30.0) if count == 0 else None))
+    return out
+
+
+def passt_figures(rows: list) -> list[dict]:
+    by = {r["impl"]: r for r in rows}
+    ours, vhost, c = by.get("ours") or {}, by.get("vhost") or {}, by.get("c") or {}
+    out = []
+    for d, label in (("up", "guest->host"), ("down", "host->guest")):
+        get = lambda r, k, d=d: (r.get(d) or {}).get(k)  # noqa: E731
+        out.append(figure("passt CPU per GB, s", f"{label}, stream socket",
+                          get(ours, "cpu_s_per_gb"), get(c, "cpu_s_per_gb"), None,
+                          ("ratio<=", 1.3)))
+        out.append(figure("passt CPU per GB, s", f"{label}, vhost-user (C: stream)",
+                          get(vhost, "cpu_s_per_gb"), get(c, "cpu_s_per_gb"), None, None))
+        out.append(figure("passt guest throughput, Mbit/s", f"{label}, stream socket",
+                          get(ours, "mbit_s"), get(c, "mbit_s"), None, AT_LEAST_C))
+        out.append(figure("passt guest throughput, Mbit/s", f"{label}, vhost-user (C: stream)",
+                          get(vhost, "mbit_s"), get(c, "mbit_s"), None, None))
+    out.append(figure("passt memory, MiB", "peak RSS, stream socket", ours.get("peak_rss_mib"),
+                      c.get("peak_rss_mib"), None, ("<=", 35.0)))
+    out.append(figure("passt memory, MiB", "peak RSS, vhost-user", vhost.get("peak_rss_mib"),
+                      c.get("peak_rss_mib"), None, None))
+    return out
+
+
+def table(figures: list[dict]) -> str:
+    out = ["| figure | ours | C | slirp4netns | ours/C | target | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    group = None
+    for f in figures:
+        if f["group"] != group:
+            group = f["group"]
+            out.append(f"| **{group}** | | | | | | |")
+        ratio = "–" if f["ratio"] is None else f"{f['ratio']:.2f}"
+        out.append(f"| {f['label']} | {fmt(f['ours'])} | {fmt(f['c'])} | {fmt(f['slirp'])} | "
+                   f"{ratio} | {f['target']} | {f['verdict']} |")
     return "\n".join(out)
 
 
@@ -186,24 +261,65 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", help="path of peers.py (default: ../shared/bench/peers.py)")
     p.add_argument("--pasta", help="our pasta executable (default: $PASST_PY_PREFIX/bin/pasta)")
-    p.add_argument("--quick", action="store_true", help="short runs (peers.py --quick)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (peers.py)")
+    p.add_argument("--quick", action="store_true", help="short runs (peers.py --quick, "
+                   "fewer start-up runs, 5 s idle, 64 MiB passt transfers)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (peers.py, "
+                   "passt_bench.py)")
     p.add_argument("--mtu", default="65520,1500", help="comma list of MTUs to run")
     p.add_argument("--tests", help="peers.py --tests subset")
-    p.add_argument("--out", help="directory for JSON and the markdown report")
+    p.add_argument("--skip", default="", help="comma list of: peers, startup, idle, passt")
+    p.add_argument("--out", help="directory for the JSON, the report and the chart")
+    p.add_argument("--chart", type=Path, help="also write the chart here (the README's: "
+                   "docs/bench.svg)")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (namespaces, tap devices)")
-    peers, pasta = find_peers(args.peers), our_pasta(args.pasta)
+    skip = {s for s in args.skip.split(",") if s}
+    pasta = our_pasta(args.pasta)
     out = Path(args.out or tempfile.mkdtemp(prefix="passt-py-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for mtu in (int(m) for m in args.mtu.split(",")):
-        sections.append(report(run_peers(peers, pasta, mtu, args, out), mtu))
-    text = "\n".join(sections)
+    load = os.getloadavg()
+    figures: list[dict] = []
+    if "peers" not in skip:
+        peers = find_peers(args.peers)
+        for mtu in (int(m) for m in args.mtu.split(",")):
+            figures += peer_figures(run_peers(peers, pasta, mtu, args, out), mtu)
+    if "startup" not in skip:
+        res = run_json("startup.py", ["--ours", pasta, "--runs", "5" if args.quick else "15"],
+                       out, "startup")
+        figures += startup_figures(res) if res else []
+    if "idle" not in skip:
+        res = run_json("idle.py", ["--ours", pasta, "--seconds", "5" if args.quick else "20"],
+                       out, "idle")
+        figures += idle_figures(res) if res else []
+    if "passt" not in skip:
+        res = run_json("passt_bench.py", ["--rounds", str(args.rounds), "--size",
+                                          "64" if args.quick else "256"], out, "passt")
+        figures += passt_figures(res) if res else []
+    figures.sort(key=lambda f: [g for g in dict.fromkeys(x["group"] for x in figures)]
+                 .index(f["group"]))
+    when = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True,
+                          text=True).stdout.strip()
+    after = os.getloadavg()
+    note = (f"{when}, medians of {args.rounds} round(s){', quick' if args.quick else ''}, "
+            f"load average {load[0]:.2f} before / {after[0]:.2f} after")
+    text = f"{note}\n\n{table(figures)}\n"
     (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(
+        {"when": when, "argv": sys.argv, "rounds": args.rounds, "quick": args.quick,
+         "load_before": load, "load_after": after, "figures": figures}, indent=1))
+    from chart import render  # noqa: PLC0415 - this directory's module
+
+    svg = render(figures, "passt for Python vs C pasta/passt vs slirp4netns", note)
+    (out / "results.svg").write_text(svg)
+    if args.chart:
+        args.chart.parent.mkdir(parents=True, exist_ok=True)
+        args.chart.write_text(svg)
     print(text)
-    print(f"\nreport: {out / 'report.md'}")
+    missed = [f for f in figures if f["verdict"] == "MISSED"]
+    print(f"{len(missed)} target(s) missed of {sum(1 for f in figures if f['target'])}")
+    print(f"report: {out / 'report.md'}, JSON: {out / 'results.json'}, "
+          f"chart: {out / 'results.svg'}")
     return 0
 
 
