@@ -341,6 +341,56 @@ def parse_rules(spec: str, *, mode: str, families: Sequence[int] = (4, 6),
     return rules
 
 
+
+def parse_port_set(text: str) -> tuple[tuple[int, int], ...]:
+    """The ports of a `-t`-style item list without targets: `FIRST[-LAST]` and
+    `~FIRST[-LAST]` items, comma-separated (`80,443,8000-8100`, `~22`).  Only
+    exclusions means every port but those.  Returns sorted, merged (first, last)
+    ranges; ValueError names what is wrong.  Used by policy rules (`common.policy`)."""
+    if not text:
+        raise ValueError("empty port list")
+    included: list[tuple[int, int]] = []
+    excluded: list[tuple[int, int]] = []
+    for item in text.split(","):
+        if not item:
+            raise ValueError("empty item in port list")
+        if ":" in item or item in ("all", "auto"):
+            raise ValueError(f"invalid port item '{show(item)}'")
+        if item.startswith("~"):
+            excluded.append(_range(item[1:], "port"))
+        else:
+            included.append(_range(item, "port"))
+    ranges = merge_ranges(included or [(1, PORT_MAX)])
+    for lo, hi in excluded:
+        ranges = [piece for r in ranges for piece in _cut(r, lo, hi)]
+    if not ranges:
+        raise ValueError(f"every port of '{show(text)}' is excluded")
+    return tuple(ranges)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or adjacent ranges joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _cut(r: tuple[int, int], lo: int, hi: int) -> list[tuple[int, int]]:
+    first, last = r
+    if hi < first or lo > last:
+        return [r]
+    return [p for p in ((first, lo - 1), (hi + 1, last)) if p[0] <= p[1]]
+
+
+def format_port_set(ranges: Sequence[tuple[int, int]]) -> str:
+    """`80,443,8000-8100`: the inverse of parse_port_set (without exclusions)."""
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
 def _check_target(addr: Address | None, to_addr: Address, ns_side: bool) -> None:
     if ns_side:
         raise ValueError("no target address for -T/-U: they reach the host's loopback")
