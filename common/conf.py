@@ -18,6 +18,7 @@ from __future__ import annotations
 import grp
 import ipaddress
 import pwd
+import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
@@ -26,6 +27,7 @@ from common.fwd import NONE as FWD_NONE
 from common.fwd import ForwardSpec, forward_config
 from common.helper import Helper
 from common.hostinfo import HostInfo, HostRoute, discover, prefetch_netlink
+from common.policy import DEFAULTS, DENY_ACTIONS, PolicyConfig, PolicyError, parse_cli
 
 MTU_DEFAULT = 65520
 MTU_MIN = 68
@@ -143,6 +145,7 @@ class Config:
     freebind: bool = False               # --freebind: forwarded ports bind any address
     splice_only: bool = False            # --splice-only (pasta): no tap, loopback only
     stats: int = 0                       # --stats DELAY: event counters every DELAY s
+    policy: PolicyConfig = field(default_factory=PolicyConfig)   # egress policy, flow log
 
 
 # ---------------------------------------------------------------- value parsers
@@ -461,8 +464,48 @@ def build_config(mode: str, opts: dict[str, Any], host: HostInfo,
         freebind=bool(opts.get("freebind")),
         splice_only=splice_only,
         stats=_stats_delay(mode, opts),
+        policy=policy_config(mode, opts),
         notes=tuple(notes),
     )
+
+
+def resolve_host(name: str) -> list[str]:
+    """A host name's addresses, as the host's resolver gives them (start-up only)."""
+    infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read(1 << 20)
+
+
+def policy_config(mode: str, opts: dict[str, Any], resolve=resolve_host) -> PolicyConfig:
+    """--allow/--deny/--allow-dns-name/--policy-file (in order), --policy-default,
+    --deny-action, --policy-inbound, --flow-log and --flow-log-size.  Host names in
+    rules are resolved here, once."""
+    try:
+        rules, file_default = parse_cli(opts.get("policy") or (), resolve, _read_text)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    default = opts.get("policy_default")
+    if default is not None and default not in DEFAULTS:
+        raise ConfigError(f"--policy-default {_show(default)}: expected allow or deny")
+    action = opts.get("deny_action") or "reset"
+    if action not in DENY_ACTIONS:
+        raise ConfigError(f"--deny-action {_show(action)}: expected reset or drop")
+    flow_log = opts.get("flow_log") or None
+    if flow_log == "-" and not _stderr_stays(mode, opts):
+        raise ConfigError("--flow-log - needs --foreground: the records go to standard error")
+    size = (parse_int(opts["flow_log_size"], "flow log size", 4096, 1 << 40)
+            if opts.get("flow_log_size") else LOG_SIZE_DEFAULT)
+    return PolicyConfig(rules=tuple(rules), default=default or file_default or "allow",
+                        deny_action=action, inbound=bool(opts.get("policy_inbound")),
+                        flow_log=flow_log, flow_log_size=size)
+
+
+def _show(text: str) -> str:
+    return repr(text) if not text.isprintable() else f"'{text[:40]}'"
 
 
 def _stats_delay(mode: str, opts: dict[str, Any]) -> int:
@@ -471,12 +514,17 @@ def _stats_delay(mode: str, opts: dict[str, Any]) -> int:
     if text is None:
         return 0
     delay = parse_int(text, "--stats delay", 0, 86400)
+    if delay and not _stderr_stays(mode, opts):
+        raise ConfigError("--stats needs --foreground: the counters go to standard error")
+    return delay
+
+
+def _stderr_stays(mode: str, opts: dict[str, Any]) -> bool:
+    """Standard error stays ours after start-up: -f, or pasta running a command."""
     target = opts.get("target") or []
     command = mode == "pasta" and not opts.get("netns") and not (
         len(target) == 1 and target[0].isdigit())
-    if delay and not opts.get("foreground") and not command:
-        raise ConfigError("--stats needs --foreground: the counters go to standard error")
-    return delay
+    return bool(opts.get("foreground")) or command
 
 
 def _offered_dns(resolvers: list, dns_forward, map_loopback) -> tuple:

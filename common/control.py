@@ -14,15 +14,22 @@ Protocol "passt-py-control", version 1: one JSON object per line, UTF-8.
 - It sends one request: `{"version": 1, "ops": [OP, ...]}`, each OP one of
   `{"op": "add" | "delete", "option": "-t" | "-u" | "-T" | "-U", "spec": SPEC}`,
   `{"op": "clear", "table": "HOST" | "SPLICE"}`, `{"op": "show"}`,
-  `{"op": "flows"}`.
+  `{"op": "flows"}`, `{"op": "policy"}` (show the egress policy) or
+  `{"op": "policy", "text": FILE, "source": NAME, "resolved": {HOST: [ADDR, ...]}}`
+  (replace it: FILE is a policy file's text, its host names looked up in
+  `resolved`, which the client filled in: nothing is resolved here).
 - It gets one reply, then the server closes: `{"ok": true, "tables":
   {"HOST": {"tcp": [RULE, ...], "udp": [...]}, ...}}` (rules as
   `[ADDR]%IF:PORTS => [TOADDR/]PORTS`), with `"flows": [FLOW, ...]` when a
-  `flows` op was given; or `{"ok": false, "error": "one line"}`.
+  `flows` op was given (FLOW: the fields of the flow log's records) and
+  `"policy": {"default": ..., "rules": [{"n": N, "rule": TEXT, "flows": COUNT},
+  ...], ...}` when a `policy` op was; or `{"ok": false, "error": "one line"}`.
 
 The ops of a request apply in order to a copy of the tables, then every
 listening socket changes at once: if any exact port cannot be bound, nothing
-changed (all or nothing per request).  Deleting a forward closes its
+changed (all or nothing per request).  A new policy is parsed whole first and
+put in force only if everything else in the request succeeded: a bad rule
+leaves the policy as it was, and the error names the file's line.  Deleting a forward closes its
 listening sockets only; connections it accepted run on.  A request longer
 than REQUEST_MAX, or not sent within TIMEOUT seconds, gets an error reply (if
 it can) and the connection is dropped; at most CLIENTS_MAX clients at once.
@@ -47,8 +54,10 @@ from collections.abc import Callable, Iterable
 
 from common import fwd, sandbox
 from common.flowinfo import FlowRecord
+from common.gate import Gate
 from common.listeners import BindError, PortForwarder
 from common.loop import ERR, HUP, IN, OUT, Loop
+from common.policy import PolicyError
 
 log = logging.getLogger("control")
 
@@ -87,9 +96,12 @@ class ControlServer:
     def __init__(self, loop: Loop, path: str, *, mode: str,
                  forwarders: dict[str, PortForwarder], families: tuple[int, ...],
                  flows: Callable[[], Iterable[FlowRecord]] | None = None,
-                 owner: tuple[int, int] | None = None, timeout: float = TIMEOUT) -> None:
-        """`forwarders` by option: "-t", "-u" (and "-T", "-U" for pasta)."""
+                 owner: tuple[int, int] | None = None, timeout: float = TIMEOUT,
+                 gate: Gate | None = None) -> None:
+        """`forwarders` by option: "-t", "-u" (and "-T", "-U" for pasta); `gate`: the
+        egress policy (None: no `policy` op)."""
         self.loop = loop
+        self.gate = gate
         self.path = path
         self.mode = mode
         self.forwarders = forwarders
@@ -299,7 +311,8 @@ class ControlServer:
         if not isinstance(ops, list) or len(ops) > OPS_MAX:
             raise RequestError(f"malformed request: 'ops' must be a list of at most {OPS_MAX}")
         tables = {opt: list(f.rules) for opt, f in self.forwarders.items()}
-        want_flows = False
+        want_flows = want_policy = False
+        new_policy = None
         for op in ops:
             if not isinstance(op, dict) or not isinstance(op.get("op"), str):
                 raise RequestError("malformed request: each op is an object with 'op'")
@@ -323,13 +336,37 @@ class ControlServer:
                 pass
             elif kind == "flows":
                 want_flows = True
+            elif kind == "policy":
+                want_policy = True
+                if "text" in op:
+                    new_policy = self._parse_policy(op)
             else:
                 raise RequestError(f"unknown op {kind!r}")
         self._apply(tables)
+        if new_policy is not None:
+            assert self.gate is not None
+            self.gate.install(*new_policy)
         reply: dict = {"ok": True, "tables": self.tables()}
         if want_flows:
             reply["flows"] = [r.as_dict() for r in self.flows()] if self.flows else []
+        if want_policy:
+            reply["policy"] = self.gate.describe() if self.gate is not None else None
         return reply
+
+    def _parse_policy(self, op: dict) -> tuple:
+        if self.gate is None:
+            raise RequestError("policy: no egress policy here")
+        text, source = op.get("text"), op.get("source", "policy")
+        resolved = op.get("resolved", {})
+        if not isinstance(text, str) or not isinstance(source, str) or not isinstance(
+                resolved, dict) or not all(isinstance(v, list) and all(
+                    isinstance(a, str) for a in v) for v in resolved.values()):
+            raise RequestError("policy: 'text' and 'source' are strings, 'resolved' maps "
+                               "names to lists of addresses")
+        try:
+            return self.gate.parse(text, fwd.show(source, 200), resolved)
+        except PolicyError as exc:
+            raise RequestError(str(exc)) from None
 
     def _change(self, kind: str, option: str, spec: str, table: list) -> list:
         try:
@@ -369,7 +406,8 @@ class ControlServer:
 
 def open_control(loop: Loop, path: str | None, *, mode: str, forwarders: dict,
                  services, families: tuple[int, ...],
-                 flows: Callable[[], Iterable[FlowRecord]] | None) -> ControlServer | None:
+                 flows: Callable[[], Iterable[FlowRecord]] | None,
+                 gate: Gate | None = None) -> ControlServer | None:
     """The control socket for `-c PATH`, listening; None without -c.  Only the tables of
     protocols in use can be changed."""
     if not path:
@@ -377,6 +415,6 @@ def open_control(loop: Loop, path: str | None, *, mode: str, forwarders: dict,
     usable = {o: f for o, f in forwarders.items()
               if f is not None and getattr(services, TABLES[o][1], True)}
     server = ControlServer(loop, path, mode=mode, forwarders=usable, families=families,
-                           flows=flows)
+                           flows=flows, gate=gate)
     server.open()
     return server

@@ -14,6 +14,7 @@ import sys
 from common import budget, ndp
 from common.conf import Config
 from common.demux import FrameDemux
+from common.gate import Gate
 from common.guest import GuestState
 from common.icmp import IcmpHandler
 from common.loop import IN, OUT, Loop
@@ -29,29 +30,32 @@ RA_INTERVAL = getattr(ndp, "RA_INTERVAL", 60.0)
 
 class DataPlane:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend,
-                 guest: GuestState | None = None, addrmap: AddressMap | None = None) -> None:
+                 guest: GuestState | None = None, addrmap: AddressMap | None = None,
+                 *, gate: Gate | None = None) -> None:
         """`addrmap`: made at set-up and shared by passt's successive guests, since
-        making one asks the host about interfaces (not possible in the sandbox)."""
+        making one asks the host about interfaces (not possible in the sandbox).
+        `gate`: the process's (policy and flow log), which outlives this data plane."""
         self.conf = conf
         self.loop = loop
         self.tap = tap
         self.guest = guest or GuestState(conf)
+        self.gate = gate or Gate()
         self.demux = FrameDemux(conf, self.guest, tap)
         self.addrmap = addrmap or AddressMap(conf)
         log.debug("descriptors for flows: %r", budget.shared())
         self.tcp: TcpHandler | None = None
         if conf.services.tcp:
-            self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
             self.demux.tcp4 = self.tcp.on_frame4
             self.demux.tcp6 = self.tcp.on_frame6
         self.udp: UdpHandler | None = None
         if conf.services.udp:
-            self.udp = UdpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.udp = UdpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
             self.demux.udp4 = self.udp.on_frame4
             self.demux.udp6 = self.udp.on_frame6
         self.icmp: IcmpHandler | None = None
         if conf.services.icmp:
-            self.icmp = IcmpHandler(conf, loop, tap, self.guest, self.addrmap)
+            self.icmp = IcmpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
             self.demux.icmp4 = self.icmp.on_frame4
             self.demux.icmp6 = self.icmp.on_frame6
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
@@ -101,7 +105,8 @@ class DataPlane:
                                ("errors", self.demux.errors.counts),
                                ("tcp", self.tcp.counters if self.tcp else {}),
                                ("udp", self.udp.stats() if self.udp else {}),
-                               ("icmp", self.icmp.counters if self.icmp else {})):
+                               ("icmp", self.icmp.counters if self.icmp else {}),
+                               ("policy", self.gate.stats())):
             out.update((f"{name}.{k}", v) for k, v in counters.items())
         return out
 
@@ -119,7 +124,8 @@ class DataPlane:
                                ("errors", self.demux.errors.counts),
                                ("tcp", self.tcp.counters if self.tcp else {}),
                                ("udp", self.udp.stats() if self.udp else {}),
-                               ("icmp", self.icmp.counters if self.icmp else {})):
+                               ("icmp", self.icmp.counters if self.icmp else {}),
+                               ("policy", self.gate.stats())):
             if counters:
                 log.debug("%s: %s", name, ", ".join(f"{k} {v}" for k, v in
                                                     sorted(counters.items())))

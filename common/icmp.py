@@ -36,9 +36,12 @@ from common import log as plog
 from common.budget import FdBudget
 from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, FlowHeader
+from common.flowinfo import datagram_record
+from common.gate import Gate
 from common.guest import GuestState
 from common.loop import IN, Loop
 from common.mapping import AddressMap, forbidden
+from common.refuse import prohibited4, prohibited6
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
@@ -67,26 +70,29 @@ _PING_RANGE_AT_START = _read_ping_range()
 
 
 class EchoFlow(Flow):
-    __slots__ = ("hdr", "sock", "fd", "ident")
+    __slots__ = ("hdr", "sock", "fd", "ident", "host")
 
     def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
-                 ident: int) -> None:
+                 ident: int, host: bytes) -> None:
         super().__init__(key, now)
         self.hdr = hdr            # replies: from the pinged address to the guest
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident        # the guest's identifier
+        self.host = host          # the address pinged, as the host sees it (packed)
 
 
 class IcmpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
                  idle: float = IDLE_TIMEOUT, expire_scan: float = EXPIRE_SCAN,
-                 fds: FdBudget | None = None) -> None:
+                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
         self.conf = conf
         self.fds = fds or budget.shared()        # one descriptor per flow
         self.loop = loop
+        self.tap = tap
         self.guest = guest
+        self.gate = gate or Gate()
         self.map = addrmap or AddressMap(conf)
         self.writer = DatagramWriter(tap, conf.our_mac, guest)
         self.table: FlowTable[EchoFlow] = FlowTable(limit=max_flows, idle=idle,
@@ -113,7 +119,7 @@ class IcmpHandler:
         key = bytes(frame[l3 + 12:l3 + 20]) + bytes(frame[l4 + 4:l4 + 6])
         flow = self.table.flows.get(key)
         if flow is None:
-            flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4)
+            flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4, l3, end)
             if flow is None:
                 return
         self._send(flow, frame[l4:end])
@@ -128,7 +134,7 @@ class IcmpHandler:
         key = bytes(frame[l3 + 8:l3 + 40]) + bytes(frame[l4 + 4:l4 + 6])
         flow = self.table.flows.get(key)
         if flow is None:
-            flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4)
+            flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4, l3, end)
             if flow is None:
                 return
         self._send(flow, frame[l4:end])
@@ -137,6 +143,8 @@ class IcmpHandler:
         flow.last = time.monotonic()
         try:
             flow.sock.send(msg)
+            flow.bytes_up += len(msg)
+            flow.frames_up += 1
         except BlockingIOError:
             self.counters["sock_full"] += 1
         except OSError as exc:
@@ -145,7 +153,7 @@ class IcmpHandler:
                 log.log(plog.TRACE, "icmp: echo send: %s", exc)
 
     def _open(self, v6: bool, key: bytes, frame: memoryview, src: int, dst: int,
-              l4: int) -> EchoFlow | None:
+              l4: int, l3: int, end: int) -> EchoFlow | None:
         alen = 16 if v6 else 4
         gaddr, raddr = bytes(frame[src:src + alen]), bytes(frame[dst:dst + alen])
         ident = frame[l4 + 4] << 8 | frame[l4 + 5]
@@ -154,6 +162,15 @@ class IcmpHandler:
             return None
         if raddr[0] == 0xFF or (not v6 and raddr[0] >= 224):
             self.counters["bad_dst"] += 1
+            return None
+        verdict = self.gate.check(PROTO_ICMPV6 if v6 else PROTO_ICMP, v6, gaddr, 0, raddr, 0)
+        if not verdict.allow:
+            self.counters["denied"] += 1
+            if self.gate.reset:
+                packet = frame[l3:end]
+                our, mac = self.conf.our_mac, self.guest.mac
+                self.tap.send_frame(prohibited6(mac, our, packet) if v6 else
+                                    prohibited4(mac, our, packet))
             return None
         if not self.table.room() or not self.fds.take(by_guest=True):
             self.counters["limit"] += 1
@@ -178,10 +195,11 @@ class IcmpHandler:
             self.fds.give()
             return None
         hdr = FlowHeader(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, raddr, gaddr)
-        flow = EchoFlow(key, time.monotonic(), hdr, sock, ident)
+        flow = EchoFlow(key, time.monotonic(), hdr, sock, ident, host_addr)
         self.table.add(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))
         self.counters["opened"] += 1
+        self.gate.opened(flow, verdict, datagram_record)
         return flow
 
     def _socket(self, v6: bool, ident: int) -> socket.socket:
@@ -244,6 +262,9 @@ class IcmpHandler:
             buf[off + 5] = ident & 0xFF
             if not writer.send_icmp(hdr, n):
                 self.counters["tap_drop"] += 1
+            else:
+                flow.bytes_down += n
+                flow.frames_down += 1
         if got:
             self.table.reply_seen(flow, time.monotonic())
 
@@ -253,6 +274,7 @@ class IcmpHandler:
         self.table.expire(time.monotonic())
 
     def _release(self, flow: EchoFlow) -> None:
+        self.gate.closed(flow, flow.why, datagram_record)
         self.loop.remove(flow.fd)
         flow.sock.close()
         self.fds.give()

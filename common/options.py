@@ -47,10 +47,13 @@ PASST = ("passt",)
 class Opt:
     """One option: where its value goes, how it is spelled, in which modes it exists.
 
-    kind is "flag" (no value), "value" (the last one given wins) or "multi"
-    (every value, in order).  `exact` options are our own additions, absent
-    from C passt: they match only when spelled in full, so that they never
-    make an abbreviation ambiguous that C passt accepts.
+    kind is "flag" (no value), "value" (the last one given wins), "multi"
+    (every value, in order) or "ordered": options sharing one dest whose values
+    are kept as (long option, value) in command-line order across them (the
+    policy rules: --allow, --deny, --allow-dns-name, --policy-file).  `exact`
+    options are our own additions, absent from C passt: they match only when
+    spelled in full, so that they never make an abbreviation ambiguous that C
+    passt accepts.
     """
 
     __slots__ = ("dest", "flags", "kind", "help", "modes", "metavar", "exact")
@@ -189,6 +192,30 @@ OPTIONS: tuple[Opt, ...] = (
         "No tap device: only forward between loopback addresses", PASTA),
     Opt("host_lo_to_ns_lo", ("--host-lo-to-ns-lo",), "flag",
         "Host loopback traffic reaches the namespace's loopback", PASTA),
+    # egress policy and flow log (ours, beyond C passt: spelled in full only)
+    Opt("policy", ("--allow",), "ordered",
+        "Allow new flows to [tcp:|udp:|icmp:]ADDR[:PORTS] (first match wins)",
+        metavar="SPEC", exact=True),
+    Opt("policy", ("--deny",), "ordered", "Deny new flows to SPEC", metavar="SPEC",
+        exact=True),
+    Opt("policy", ("--allow-dns-name",), "ordered",
+        "Allow the addresses DNS answers give for NAME, while their TTL lasts",
+        metavar="[PROTO:]NAME[:PORTS]", exact=True),
+    Opt("policy", ("--policy-file",), "ordered", "Policy rules from FILE, one a line",
+        metavar="FILE", exact=True),
+    Opt("policy_default", ("--policy-default",), "value",
+        "What no rule matches gets: allow (the default) or deny", metavar="allow|deny",
+        exact=True),
+    Opt("deny_action", ("--deny-action",), "value",
+        "Refuse denied flows with reset/ICMP (the default) or drop them silently",
+        metavar="reset|drop", exact=True),
+    Opt("policy_inbound", ("--policy-inbound",), "flag",
+        "Apply the policy to forwarded ports (inbound) too", exact=True),
+    Opt("flow_log", ("--flow-log",), "value",
+        "Log flows opening and closing to PATH as JSON lines (- for stderr)",
+        metavar="PATH", exact=True),
+    Opt("flow_log_size", ("--flow-log-size",), "value",
+        "Maximum flow log size, bytes (default 1 MiB)", metavar="SIZE", exact=True),
 )
 
 # "If conflicting or multiple options are given, the last one takes effect"
@@ -335,7 +362,8 @@ def parse_args(mode: str, argv: Sequence[str]) -> dict[str, Any]:
         else:
             if values[opt.dest] is None:
                 values[opt.dest] = []
-            values[opt.dest].append(value)
+            values[opt.dest].append((opt.flags[-1], value) if opt.kind == "ordered"
+                                    else value)
     if mode == "pasta":
         values["target"] = rest
     elif rest:

@@ -152,7 +152,8 @@ def test_passt_add_and_delete(topo, procs, ctl_dir):
     r = pesto("-A", "-T", "6321", ctl, check=False)
     assert r.returncode == 1 and "no table for option '-T' here" in r.stderr
     assert pesto("--flows", ctl).stdout.split() == [
-        "PROTO", "PATH", "DIR", "GUEST", "HOST", "TO", "GUEST", "FROM", "GUEST", "AGE"]
+        "PROTO", "PATH", "DIR", "GUEST", "HOST", "TO", "GUEST", "FROM", "GUEST", "AGE", "ID",
+        "RULE"]
     assert p.poll() is None
 
 

@@ -30,6 +30,7 @@ from common import budget, flowinfo, sandbox, seccomp, syscalls
 from common.conf import Config
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
+from common.gate import Gate, open_gate
 from common.guest import GuestState
 from common.listeners import ACCEPT_EXHAUSTED, BindError, pause_accepting
 from common.loop import IN, Loop
@@ -93,6 +94,7 @@ class Session:
         self.dataplane: DataPlane | None = None
         self.forwarding: PasstForwarding | None = None
         self.control: ControlServer | None = None
+        self.gate: Gate | None = None
         self.guests = 0
         self._adopted: socket.socket | None = None
         self._dir_fd: int | None = None       # the socket's directory, once sandboxed
@@ -126,6 +128,10 @@ class Session:
                 except OSError as exc:
                     log.warning("cannot hand socket %s to uid %d: %s", self.path,
                                 self.owner[0], exc.strerror)
+        try:
+            self.gate = open_gate(self.conf, self.loop)
+        except OSError as exc:
+            raise SetupError(exc.strerror or str(exc)) from None
         if self.conf.pcap:
             try:
                 self.pcap = Pcap(self.conf.pcap)
@@ -161,7 +167,7 @@ class Session:
             self.control = open_control(self.loop, self.conf.process.control, mode="passt",
                                         forwarders={"-t": fw.tcp_in, "-u": fw.udp_in},
                                         services=self.conf.services, families=families,
-                                        flows=flows)
+                                        flows=flows, gate=self.gate)
         except ControlError as exc:
             raise SetupError(str(exc)) from None
         if self.control is not None:
@@ -231,7 +237,7 @@ class Session:
         log.info("guest connected%s", f" (#{self.guests})" if self.guests > 1 else "")
         self.tap = StreamTap(sock, self.loop, self.pcap)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf),
-                                   self.addrmap)
+                                   self.addrmap, gate=self.gate)
         self.dataplane.on_tap_gone = self._guest_gone
         self.dataplane.start()
 
@@ -274,6 +280,9 @@ class Session:
             self.forwarding.close()
             self.forwarding = None
         self._detach()
+        if self.gate is not None:
+            self.gate.close()               # after the flows' last records
+            self.gate = None
         if self._adopted is not None:
             self._adopted.close()
             self._adopted = None

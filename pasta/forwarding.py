@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable
 
 from common.conf import Config
+from common.gate import Gate
 from common.guest import GuestState
 from common.listeners import PortForwarder, host_socket, tcp_listener
 from common.loop import Loop
@@ -61,7 +62,8 @@ def _is_loopback(addr: bytes) -> bool:
 class PastaForwarding:
     def __init__(self, conf: Config, loop: Loop, ns: NsThread, tcp: TcpHandler | None,
                  splice: bool, udp: UdpHandler | None = None, *,
-                 guest: GuestState | None = None, host_lo_to_ns_lo: bool = False) -> None:
+                 guest: GuestState | None = None, host_lo_to_ns_lo: bool = False,
+                 gate: Gate | None = None) -> None:
         self.conf = conf
         self.loop = loop
         self.ns = ns
@@ -71,7 +73,7 @@ class PastaForwarding:
         # without a guest (--splice-only) only the namespace's loopback is there to reach
         ns_dest = ns_loopback if host_lo_to_ns_lo or guest is None else self._ns_address
         self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n),
-                               ns_dest)
+                               ns_dest, gate=gate)
         self.splice_in = splice
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
@@ -93,7 +95,7 @@ class PastaForwarding:
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
                                                                       family, n),
-                                      ns_dest=ns_dest)
+                                      ns_dest=ns_dest, gate=gate)
         ns_udp = self._scanner(("udp", "udp6"), in_ns=True)
         host_udp = self._scanner(("udp", "udp6"), in_ns=False)
         self.udp_in = PortForwarder(

@@ -25,6 +25,7 @@ from common import flowinfo, isolation, phases, sandbox, seccomp
 from common.conf import Config, format_mac, parse_mac
 from common.control import ControlError, ControlServer, open_control
 from common.dataplane import DataPlane
+from common.gate import Gate, open_gate
 from common.helper import Helper
 from common.listeners import BindError
 from common.loop import Loop
@@ -57,6 +58,7 @@ class Session:
         self.dataplane: DataPlane | None = None
         self.forwarding: PastaForwarding | None = None
         self.control: ControlServer | None = None
+        self.gate: Gate | None = None
         self.exit_code = 0
         self._watches: list[object] = []
         self._netns_watch: NetnsFileWatch | None = None
@@ -72,6 +74,10 @@ class Session:
 
     def setup(self) -> None:
         raise_fd_limit()
+        try:
+            self.gate = open_gate(self.conf, self.loop)
+        except OSError as exc:
+            raise SetupError(exc.strerror or str(exc)) from None
         self.ns = NsThread(self.target.netns_fd)
         phases.mark("namespace thread")
         if self.conf.splice_only:
@@ -105,7 +111,8 @@ class Session:
                 self.loop, self.conf.process.control, mode="pasta",
                 forwarders={"-t": fw.tcp_in, "-u": fw.udp_in, "-T": fw.tcp_out,
                             "-U": fw.udp_out},
-                services=self.conf.services, families=families, flows=flows)
+                services=self.conf.services, families=families, flows=flows,
+                gate=self.gate)
         except ControlError as exc:
             raise SetupError(str(exc)) from None
 
@@ -114,7 +121,8 @@ class Session:
         netcfg.apply(self.helper, netcfg.NetPlan(ifname=None, mtu=self.conf.mtu),
                      self.target.netns_fd, self.target.userns_fd)
         self.helper.close()
-        self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, None, splice=True)
+        self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, None, splice=True,
+                                          gate=self.gate)
 
     def _setup_tap(self) -> None:
         try:
@@ -139,14 +147,15 @@ class Session:
         phases.mark("netlink set-up")
         log.debug("namespace interface %s: %s", name, done)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap,
-                                   _guest_state(self.conf, ns_mac))
+                                   _guest_state(self.conf, ns_mac), gate=self.gate)
         self.dataplane.start()
         phases.mark("data plane")
         self.forwarding = PastaForwarding(self.conf, self.loop, self.ns, self.dataplane.tcp,
                                           splice=not self.opts.get("no_splice"),
                                           udp=self.dataplane.udp, guest=self.dataplane.guest,
                                           host_lo_to_ns_lo=bool(
-                                              self.opts.get("host_lo_to_ns_lo")))
+                                              self.opts.get("host_lo_to_ns_lo")),
+                                          gate=self.gate)
 
     def _on_stop_signal(self, signum: int) -> None:
         log.warning("%s: exiting", signal.Signals(signum).name)
@@ -232,6 +241,9 @@ class Session:
             self.forwarding = None
         if self.dataplane is not None:
             self.dataplane.stop()
+        if self.gate is not None:
+            self.gate.close()               # after the flows' last records
+            self.gate = None
         if self.tap is not None:
             self.tap.close()
             self.tap = None

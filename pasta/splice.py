@@ -38,6 +38,8 @@ from functools import partial
 
 from common import budget
 from common.budget import FdBudget
+from common.flowinfo import splice_record
+from common.gate import Gate
 from common.loop import ET, IN, OUT, RDHUP, Loop
 
 log = logging.getLogger("splice")
@@ -58,7 +60,7 @@ FDS_PER_CONN = 6               # two sockets, two pipes
 
 class _Dir:
     """One direction: bytes read from `src` wait in the pipe until `dst` takes them."""
-    __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "pending", "eof", "done")
+    __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "pending", "eof", "done", "moved")
 
     def __init__(self, src: int, dst_sock: socket.socket, pr: int, pw: int) -> None:
         self.src, self.dst, self.dst_sock = src, dst_sock.fileno(), dst_sock
@@ -66,16 +68,21 @@ class _Dir:
         self.pending = 0       # bytes in the pipe
         self.eof = False       # src reached end of file
         self.done = False      # dst shut down for writing
+        self.moved = 0         # bytes read from src (for the flow log and pesto --flows)
 
 
 class SpliceConn:
-    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes", "inbound", "opened")
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes", "inbound", "opened",
+                 "fid", "verdict", "ends")
 
     def __init__(self, a: socket.socket, b: socket.socket, inbound: bool = True) -> None:
         self.a = a
         self.b = b
         self.inbound = inbound     # a is the host's client (-t), else the namespace's (-T)
         self.opened = time.monotonic()
+        self.fid = 0               # the flow log's id and verdict (common.gate)
+        self.verdict = None
+        self.ends: tuple[str, str] | None = None   # (guest, host), noted while connected
         self.connecting = True
         self.closed = False
         self.pipes: list[int] = []
@@ -105,10 +112,11 @@ def ns_loopback(v6: bool) -> str:
 class Splicer:
     def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]],
                  ns_dest: NsDest = ns_loopback, *, max_conns: int = MAX_CONNS,
-                 fds: FdBudget | None = None) -> None:
+                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
         """ns_socket(family, n): n new non-blocking stream sockets inside the namespace;
         ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
+        self.gate = gate or Gate()
         self.ns_socket = ns_socket
         self.ns_dest = ns_dest
         self.max_conns = max_conns
@@ -204,6 +212,7 @@ class Splicer:
         c.rev = _Dir(c.b.fileno(), c.a, r2, w2)
         c.connecting = False
         self.counters["opened"] += 1
+        self.gate.opened(c, self.gate.forwarded, splice_record)
         self.loop.add(c.a.fileno(), EVENTS, partial(self._event_a, c))
         self._move(c, c.fwd)
         if not c.closed:
@@ -257,6 +266,7 @@ class Splicer:
                     d.eof = True
                     break
                 d.pending += n
+                d.moved += n
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -274,17 +284,19 @@ class Splicer:
             if other.done:
                 self._close(c)
 
-    def _abort(self, c: SpliceConn) -> None:
+    def _abort(self, c: SpliceConn, why: str = "rst") -> None:
         for s in (c.a, c.b):
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
             except OSError:
                 pass
-        self._close(c)
+        self._close(c, why)
 
-    def _close(self, c: SpliceConn) -> None:
+    def _close(self, c: SpliceConn, why: str = "fin") -> None:
         if c.closed:
             return
+        if c.fid:
+            self.gate.closed(c, why, splice_record)
         c.closed = True
         for s in (c.a, c.b):
             self.loop.remove(s.fileno())
@@ -297,7 +309,7 @@ class Splicer:
 
     def close_all(self) -> None:
         for c in list(self.conns):
-            self._abort(c)
+            self._abort(c, "exit")
         for pool in self._pool.values():
             for s in pool:
                 s.close()

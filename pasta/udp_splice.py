@@ -39,6 +39,8 @@ from functools import partial
 
 from common import budget
 from common.budget import FdBudget
+from common.flowinfo import udp_splice_record
+from common.gate import Gate
 from common.loop import ERR, IN, Loop
 from common.udp.flow import Flow, FlowTable
 from common.udp.handler import (
@@ -105,11 +107,12 @@ class UdpSplicer:
                  ns_dest: NsDest = ns_loopback,
                  max_flows: int = MAX_FLOWS, idle: float = IDLE_TIMEOUT,
                  idle_replied: float = IDLE_TIMEOUT_REPLIED,
-                 fds: FdBudget | None = None) -> None:
+                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
         """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace;
         ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.fds = fds or budget.shared()        # one descriptor per flow
+        self.gate = gate or Gate()
         self.ns_sockets = ns_sockets
         self.ns_dest = ns_dest
         self.table: FlowTable[SpliceFlow] = FlowTable(limit=max_flows, idle=idle,
@@ -218,12 +221,15 @@ class UdpSplicer:
         self._peers.setdefault(fd, {})[peer] = flow
         self.loop.add(flow.out_fd, IN, partial(self._reply, flow))
         self.counters["opened"] += 1
+        self.gate.opened(flow, self.gate.forwarded, udp_splice_record)
         return flow
 
     def _forward(self, flow: SpliceFlow, data: memoryview) -> None:
         flow.last = time.monotonic()
         try:
             flow.out.send(data)
+            flow.bytes_up += len(data)          # client to server (flowinfo says which way)
+            flow.frames_up += 1
         except BlockingIOError:
             self.counters["sock_full"] += 1
         except OSError:
@@ -252,12 +258,15 @@ class UdpSplicer:
             got += 1
             try:
                 sendto(view[:n], peer)
+                flow.bytes_down += n
+                flow.frames_down += 1
             except OSError:
                 self.counters["reply_drop"] += 1
         if got:
             self.table.reply_seen(flow, time.monotonic())
 
     def _release(self, flow: SpliceFlow) -> None:
+        self.gate.closed(flow, flow.why, udp_splice_record)
         peers = self._peers.get(flow.key[0])
         if peers is not None and peers.get(flow.peer) is flow:
             del peers[flow.peer]

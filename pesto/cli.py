@@ -8,7 +8,12 @@ replace their table (HOST: -t/-u, SPLICE: -T/-U), after `-A` they are added,
 after `-D` deleted; `-C TABLE` clears one; the options apply in order, and
 the whole of it succeeds or changes nothing.  With no change, the tables are
 printed.  Ours beyond C pesto: `--flows` lists the live flows, `--json`
-prints the server's replies as they are (one JSON object per line).
+prints the server's replies as they are (one JSON object per line),
+`--show-policy` prints the egress policy with its counters, and `--policy
+FILE` replaces it with the rules of FILE (`-`: standard input), all or
+nothing.  pesto reads FILE and resolves its host names itself (the server,
+sandboxed, can do neither), checks every rule, and sends the text with the
+addresses; the server checks it again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from common.options import VERSION, Opt, UsageError, getopt, render_help
+from common.policy import PolicyError, parse_policy_text
 
 PESTO = "pesto"
 OPTIONS: tuple[Opt, ...] = (
@@ -40,6 +46,11 @@ OPTIONS: tuple[Opt, ...] = (
         (PESTO,), metavar="SPEC"),
     Opt("flows", ("--flows",), "flag", "List the live flows", (PESTO,)),
     Opt("json", ("--json",), "flag", "Print the replies as JSON", (PESTO,)),
+    Opt("policy", ("--policy",), "value",
+        "Replace the egress policy with the rules of FILE (- for standard input)",
+        (PESTO,), metavar="FILE"),
+    Opt("show_policy", ("--show-policy",), "flag",
+        "Show the egress policy and its counters", (PESTO,)),
     Opt("version", ("--version",), "flag", "Show version and exit", (PESTO,)),
 )
 SPEC_OPTIONS = {"tcp_ports": "-t", "udp_ports": "-u", "tcp_ns": "-T", "udp_ns": "-U"}
@@ -133,12 +144,14 @@ def format_tables(tables: dict) -> str:
 
 
 def format_flows(flows: list[dict]) -> str:
-    head = ("PROTO", "PATH", "DIR", "GUEST", "HOST", "TO GUEST", "FROM GUEST", "AGE")
+    head = ("PROTO", "PATH", "DIR", "GUEST", "HOST", "TO GUEST", "FROM GUEST", "AGE", "ID",
+            "RULE")
     rows = [head]
     for f in flows:
         rows.append((f["proto"], f["path"], "in" if f["inbound"] else "out", f["guest"],
                      f["host"], _num(f["to_guest"]), _num(f["from_guest"]),
-                     "-" if f["age"] is None else f"{f['age']:.1f}s"))
+                     "-" if f["age"] is None else f"{f['age']:.1f}s", _num(f.get("id")),
+                     f.get("rule") or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -146,6 +159,56 @@ def format_flows(flows: list[dict]) -> str:
 
 def _num(v) -> str:
     return "-" if v is None else str(v)
+
+
+def format_policy(p: dict | None) -> str:
+    if p is None:
+        return "no egress policy here"
+    lines = [f"policy: default {p['default']}, denied flows "
+             f"{'refused' if p['deny_action'] == 'reset' else 'dropped'}, forwarded ports "
+             f"{'checked' if p['inbound'] else 'not checked'}"]
+    width = max([len(str(r["flows"])) for r in p["rules"]] + [5])
+    lines.append(f"    {'#':>4}  {'FLOWS':>{width}}  RULE")
+    for r in p["rules"]:
+        lines.append(f"    {r['n']:>4}  {r['flows']:>{width}}  {r['rule']}")
+    lines.append(f"    {'-':>4}  {p['dns_forward_flows']:>{width}}  (DNS to --dns-forward)")
+    lines.append(f"    {'-':>4}  {p['default_flows']:>{width}}  default {p['default']}")
+    if p.get("learned"):
+        lines.append("learned from DNS answers:")
+        for e in p["learned"]:
+            lines.append(f"    {e['addr']}  {e['name']}  rule {e['rule']}, "
+                         f"{e['expires_in']:.0f} s left")
+    return "\n".join(lines)
+
+
+def resolve_host(name: str) -> list[str]:
+    infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def policy_op(path: str, resolve=resolve_host) -> dict:
+    """The `policy` op replacing the policy with FILE's rules, checked here first."""
+    source = "standard input" if path == "-" else f"policy file {path}"
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(1 << 20)
+    except OSError as exc:
+        raise PestoError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise PestoError(f"{path}: not UTF-8 text") from None
+    resolved: dict[str, list[str]] = {}
+
+    def recording(name: str) -> list[str]:
+        resolved[name] = resolve(name)
+        return resolved[name]
+    try:
+        parse_policy_text(text, source, recording)
+    except PolicyError as exc:
+        raise PestoError(str(exc)) from None
+    return {"op": "policy", "text": text, "source": source, "resolved": resolved}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     path = rest[0]
     debug, as_json = "debug" in given, "json" in given
     ops = build_ops(found)
+    policy_file = next((v for o, v in found if o.dest == "policy"), None)
     try:
         if "show" in given and ops:
             _print(request(path, [{"op": "show"}], debug), as_json, "before")
+        if policy_file is not None:
+            ops.append(policy_op(policy_file))
+        elif "show_policy" in given:
+            ops.append({"op": "policy"})
         if "flows" in given:
             ops.append({"op": "flows"})
         reply = request(path, ops, debug)
@@ -188,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply))
     elif "flows" in given:
         print(format_flows(reply.get("flows", [])))
+    elif any(op["op"] == "policy" for op in ops):
+        print(format_policy(reply.get("policy")))
     elif not changed or "show" in given:
         _print(reply, False, "after" if changed else None)
     return 0

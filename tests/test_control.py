@@ -19,10 +19,12 @@ import pytest
 from common.control import CLIENTS_MAX, REQUEST_MAX, ControlError, ControlServer
 from common.flowinfo import FlowRecord
 from common.fwd import parse_forward
+from common.gate import Gate
 from common.listeners import PortForwarder, host_socket, tcp_listener
 from common.loop import Loop
 from common.options import getopt
-from pesto.cli import OPTIONS, build_ops, format_flows, format_tables
+from common.policy import TCP, PolicyConfig, parse_policy_text
+from pesto.cli import OPTIONS, build_ops, format_flows, format_policy, format_tables, policy_op
 from tests.support import in_fresh_netns, spin
 
 
@@ -44,9 +46,12 @@ class Rig:
                                  open_port=tcp_listener(self.loop, host_socket, accept_and_close))
         self.tcp.start()
         flows = [FlowRecord("tcp", "tap", "10.0.0.2:80", "192.0.2.9:4000", True, 10, 20, 1.5)]
+        self.gate = Gate(PolicyConfig(rules=tuple(parse_policy_text(
+            "deny tcp:192.0.2.0/24:443", "start", None)[0]), default="deny"))
         self.server = ControlServer(self.loop, path, mode="passt",
                                     forwarders={"-t": self.tcp, "-u": self.udp},
-                                    families=(4,), flows=lambda: iter(flows), timeout=timeout)
+                                    families=(4,), flows=lambda: iter(flows), timeout=timeout,
+                                    gate=self.gate)
         self.server.open()
 
     def client(self) -> socket.socket:
@@ -215,7 +220,9 @@ def test_flows(tmp_path):
         r = rig.request([{"op": "flows"}])
         assert r["flows"] == [{"proto": "tcp", "path": "tap", "guest": "10.0.0.2:80",
                                "host": "192.0.2.9:4000", "inbound": True, "to_guest": 10,
-                               "from_guest": 20, "age": 1.5}]
+                               "from_guest": 20, "age": 1.5, "id": None, "verdict": None,
+                               "rule": None, "frames_to_guest": None,
+                               "frames_from_guest": None}]
     run(tmp_path, body)
 
 
@@ -277,7 +284,7 @@ def test_pesto_formats():
                           "host": "127.0.0.1:4444", "inbound": False, "to_guest": None,
                           "from_guest": 3, "age": 0.25}])
     assert text.splitlines()[1].split() == ["udp", "splice", "out", "127.0.0.1:53",
-                                            "127.0.0.1:4444", "-", "3", "0.2s"]
+                                            "127.0.0.1:4444", "-", "3", "0.2s", "-", "-"]
 
 
 def test_pesto_usage_errors(capsys):
@@ -292,3 +299,63 @@ def test_pesto_usage_errors(capsys):
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("pesto ")
     assert main(["-h"]) == 0 and "Usage: pesto [OPTION]... PATH" in capsys.readouterr().out
     time.sleep(0)
+
+
+def test_policy_show_and_replace_all_or_nothing(tmp_path):
+    def body(rig):
+        rig.gate.policy.decide(TCP, bytes([192, 0, 2, 7]), 443, 0)
+        shown = rig.request([{"op": "policy"}])["policy"]
+        assert shown["rules"] == [{"n": 1, "rule": "deny tcp:192.0.2.0/24:443", "flows": 1}]
+        assert shown["default"] == "deny" and shown["deny_action"] == "reset"
+        text = "allow tcp:192.0.2.0/24:443\nallow udp:host.test:53  # resolved by pesto\n"
+        r = rig.request([{"op": "policy", "text": text, "source": "policy file P",
+                          "resolved": {"host.test": ["198.51.100.5", "2001:db8::5"]}}])
+        assert [x["rule"] for x in r["policy"]["rules"]] == [
+            "allow tcp:192.0.2.0/24:443", "allow udp:host.test:53"]
+        assert r["policy"]["default"] == "deny"          # kept: the file did not say
+        assert rig.gate.policy.decide(TCP, bytes([192, 0, 2, 7]), 443, 0).allow
+        # a bad line: an error naming it, and the policy in force unchanged
+        for bad, said in (("allow tcp:192.0.2.0/24:443\ndeny tcp:10.0.0.0/33\n",
+                           "policy file Q line 2: deny tcp:10.0.0.0/33: invalid prefix"),
+                          ("allow udp:other.test:53\n", "policy file Q line 1: allow "
+                           "udp:other.test:53: cannot resolve host name 'other.test': not "
+                           "resolved by the client")):
+            r = rig.request([{"op": "policy", "text": bad, "source": "policy file Q"}])
+            assert r["ok"] is False and r["error"].startswith("policy file Q line "), r
+            assert said in r["error"] and "\n" not in r["error"]
+        assert len(rig.gate.policy.rules) == 2
+        # with a forwarding change that fails, the policy is not replaced either
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 7301))
+        blocker.listen()
+        r = rig.request([{"op": "add", "option": "-t", "spec": "127.0.0.1/7301"},
+                         {"op": "policy", "text": "default allow\n", "source": "x"}])
+        blocker.close()
+        assert r["ok"] is False and rig.gate.policy.default == "deny"
+        r = rig.request([{"op": "policy", "text": 5}])
+        assert r["ok"] is False and "strings" in r["error"]
+    run(tmp_path, body)
+
+
+def test_pesto_policy_op_and_format(tmp_path):
+    f = tmp_path / "p"
+    f.write_text("# egress\nallow tcp:svc.test:443\ndefault deny\n")
+    op = policy_op(str(f), resolve=lambda name: ["192.0.2.80"])
+    assert op == {"op": "policy", "text": f.read_text(), "source": f"policy file {f}",
+                  "resolved": {"svc.test": ["192.0.2.80"]}}
+    f.write_text("allow tcp:svc.test:443\ndeny udp:*:0\n")
+    with pytest.raises(Exception, match=r"line 2: deny udp:\*:0: port 0 is not allowed"):
+        policy_op(str(f), resolve=lambda name: ["192.0.2.80"])
+    text = format_policy({"default": "deny", "deny_action": "drop", "inbound": False,
+                          "rules": [{"n": 1, "rule": "allow tcp:svc.test:443", "flows": 12}],
+                          "dns_forward_flows": 3, "default_flows": 4,
+                          "learned": [{"addr": "192.0.2.9", "name": "a.test", "rule": 1,
+                                       "expires_in": 29.6}]})
+    assert text.splitlines() == [
+        "policy: default deny, denied flows dropped, forwarded ports not checked",
+        "       #  FLOWS  RULE",
+        "       1     12  allow tcp:svc.test:443",
+        "       -      3  (DNS to --dns-forward)",
+        "       -      4  default deny",
+        "learned from DNS answers:",
+        "    192.0.2.9  a.test  rule 1, 30 s left"]

@@ -111,6 +111,8 @@ class TcpConn:
         "recover",
         "dup_acks", "last_ack", "rto", "rto_at", "retries",
         "deadline", "last_activity", "sock_event", "opened",
+        "host", "host_port", "fid", "verdict", "dns", "ends",
+        "bytes_up", "bytes_down", "frames_up", "frames_down",
     )
 
     def __init__(self, key: bytes, sock: socket.socket, flow: FlowHeader, inbound: bool) -> None:
@@ -140,6 +142,16 @@ class TcpConn:
         self.last_activity = 0.0
         self.sock_event = None    # the loop callback for our socket
         self.opened = time.monotonic()   # for `pesto --flows`
+        self.host = b""           # the far end as the host sees it (packed), and its port
+        self.host_port = 0
+        self.fid = 0              # the flow log's id, and the policy's verdict (common.gate)
+        self.verdict = None
+        self.dns = None           # a DnsStream when it carries DNS answers to learn from
+        self.ends = None          # (path, guest, host) as the flow log writes them, once made
+        self.bytes_up = 0         # from the guest, taken by the socket
+        self.bytes_down = 0       # to the guest, acknowledged by it
+        self.frames_up = 0        # segments of this connection from the guest
+        self.frames_down = 0      # segments we sent it (data, ACKs, FINs)
 
     def in_flight(self) -> int:
         """Bytes (and FIN) sent to the guest and not yet acknowledged."""

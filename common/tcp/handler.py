@@ -38,7 +38,10 @@ from common import budget
 from common import log as plog
 from common.budget import FdBudget
 from common.conf import Config
+from common.dnsmsg import DnsStream
 from common.flowheader import PROTO_TCP, FlowHeader
+from common.flowinfo import tcp_record
+from common.gate import Gate
 from common.guest import GuestState
 from common.loop import ET, IN, OUT, RDHUP, Loop
 from common.mapping import AddressMap, forbidden
@@ -117,12 +120,13 @@ def _syn_options(mss: int, wscale: int | None) -> bytes:
 class TcpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_conns: int = MAX_CONNS,
-                 fds: FdBudget | None = None) -> None:
+                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
         self.conf = conf
         self.max_conns = max_conns
         self.fds = fds or budget.shared()         # one descriptor per connection
         self.loop = loop
         self.guest = guest
+        self.gate = gate or Gate()
         self.map = addrmap or AddressMap(conf)
         self.writer = SegmentWriter(tap, conf.our_mac, guest)
         self.conns: dict[bytes, TcpConn] = {}
@@ -193,6 +197,7 @@ class TcpHandler:
                 self._reset_unknown(v6, frame, l3, sport, dport, seq, ack, flags, plen)
             return
         conn.last_activity = self.now
+        conn.frames_up += 1
         st = conn.state
         if flags & RST:
             self._on_guest_rst(conn, seq)
@@ -228,6 +233,12 @@ class TcpHandler:
         if (raddr[0] == 0xFF) if v6 else (raddr[0] >= 224 or raddr == self.bcast4):
             self.counters["bad_dst"] += 1
             return
+        verdict = self.gate.check(PROTO_TCP, v6, gaddr, gport, raddr, rport)
+        if not verdict.allow:
+            self.counters["denied"] += 1
+            if self.gate.reset:
+                self._rst_for_syn(v6, frame, l3, l4, seq)
+            return
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
         try:
             opts = parse_tcp_options(frame[l4 + 20:data])
@@ -248,6 +259,8 @@ class TcpHandler:
             return
         flow = FlowHeader(v6, PROTO_TCP, raddr, gaddr, rport, gport)
         conn = TcpConn(key, sock, flow, inbound=False)
+        conn.host, conn.host_port = host_addr, host_port
+        conn.frames_up = 1                      # its SYN
         conn.rcv_nxt = (seq + 1) & M32
         conn.guest_mss = self._clamp_mss(opts.mss, v6)
         conn.guest_wscale = min(opts.wscale, 14) if opts.wscale is not None else -1
@@ -257,6 +270,7 @@ class TcpHandler:
         conn.deadline = self.now + HANDSHAKE_TIMEOUT
         self.conns[key] = conn
         self.timed.add(conn)
+        self.gate.opened(conn, verdict, tcp_record)
         if v6:
             self.guest.observe_addr6(IPv6Address(gaddr))
         else:
@@ -303,6 +317,8 @@ class TcpHandler:
         conn.rto = RTO_INITIAL
         conn.rto_at = self.now + conn.rto
         conn.rcv_wnd = self._free_space(conn)
+        if self.gate.watch_dns(PROTO_TCP, flow.src, flow.sport):
+            conn.dns = DnsStream(conn.snd_nxt)
         self._send_synack(conn)
 
     def _our_wscale(self, conn: TcpConn) -> int:
@@ -322,6 +338,7 @@ class TcpHandler:
             self.timed.add(conn)
 
     def _send_synack(self, conn: TcpConn) -> None:
+        conn.frames_down += 1
         wscale = OUR_WSCALE if conn.guest_wscale >= 0 else None
         mss = self.mss6 if conn.flow.v6 else self.mss4
         self.writer.send_ctrl(conn.flow, conn.snd_una, conn.rcv_nxt, SYN | ACK,
@@ -332,7 +349,7 @@ class TcpHandler:
         log.debug("tcp: connect failed: %s", errno.errorcode.get(err, err))
         flow = conn.flow
         self.writer.send_ctrl(flow, 0, conn.rcv_nxt, RST | ACK, 0)
-        self._close(conn)
+        self._close(conn, "refused" if err == errno.ECONNREFUSED else "error")
 
     def _on_handshake(self, conn: TcpConn, frame: memoryview, l4: int, data: int, seq: int,
                       ack: int, flags: int, window: int) -> bool:
@@ -392,6 +409,7 @@ class TcpHandler:
                 data_acked -= 1
                 conn.state = st = st | FIN_ACKED
             if data_acked:
+                conn.bytes_down += data_acked
                 self._discard_acked(conn, data_acked)
             conn.snd_una = ack
             if seq_after(ack, conn.snd_nxt):
@@ -458,6 +476,7 @@ class TcpHandler:
             self._sock_error(conn, exc.errno)
             return
         if got:
+            conn.frames_down += 1
             writer.send(flow, conn.snd_una, conn.rcv_nxt, ACK, wnd_field, got, conn.guest_mss)
 
     def _discard_acked(self, conn: TcpConn, n: int) -> None:
@@ -505,6 +524,7 @@ class TcpHandler:
                 return
             conn.rcv_nxt = (conn.rcv_nxt + sent) & M32
             conn.rcv_wnd -= sent
+            conn.bytes_up += sent
             if sent < plen:
                 conn.state |= DROPPED
                 self.counters["sock_full"] += 1
@@ -533,7 +553,7 @@ class TcpHandler:
         if ((seq - conn.rcv_nxt) & M32) > max(conn.rcv_wnd, 1) and not conn.state & OPENING:
             self.counters["rst_out_of_window"] += 1
             return
-        self._abort(conn)
+        self._abort(conn, "rst")
 
     # ---------------------------------------------------------------- ACKs and window
 
@@ -616,6 +636,7 @@ class TcpHandler:
             self.loop.modify(conn.fd, SOCK_EVENTS)
             self.timed.add(conn)
         conn.ack_sent = conn.rcv_nxt
+        conn.frames_down += 1
         self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, ACK, free >> wscale)
 
     def _window_update(self, conn: TcpConn) -> None:
@@ -708,6 +729,9 @@ class TcpHandler:
                 conn.fin_seq = conn.snd_nxt
                 self._send_fin(conn, wnd_field)
                 break
+            conn.frames_down += 1
+            if conn.dns is not None:
+                self.gate.dns_stream(conn.dns, conn.snd_nxt, payload[:got])
             if not writer.send(flow, conn.snd_nxt, conn.rcv_nxt,
                                ACK | PSH if got < want else ACK, wnd_field, got, mss):
                 # the tap did not take it: as if lost, the guest's ACKs will tell
@@ -737,6 +761,7 @@ class TcpHandler:
                 self._push(conn)
 
     def _send_fin(self, conn: TcpConn, wnd_field: int) -> None:
+        conn.frames_down += 1
         self.writer.send_ctrl(conn.flow, conn.fin_seq, conn.rcv_nxt, FIN | ACK, wnd_field)
         conn.ack_sent = conn.rcv_nxt
         conn.state |= FIN_SENT
@@ -760,7 +785,7 @@ class TcpHandler:
         self.counters["sock_error"] += 1
         log.debug("tcp: socket error %s on %r", errno.errorcode.get(err or 0, err), conn)
         self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, RST | ACK, 0)
-        self._close(conn)
+        self._close(conn, "rst" if err in (errno.ECONNRESET, errno.EPIPE) else "error")
 
     # ---------------------------------------------------------------- inbound
 
@@ -780,6 +805,11 @@ class TcpHandler:
             self.counters["collision"] += 1
             _close_abortive(sock)
             return
+        verdict = self.gate.check_inbound(PROTO_TCP, v6, gaddr, to_port, peer, peer_port)
+        if not verdict.allow:
+            self.counters["denied"] += 1
+            _close_abortive(sock)               # accepted already: a reset either way
+            return
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -793,6 +823,7 @@ class TcpHandler:
             return
         flow = FlowHeader(v6, PROTO_TCP, src, gaddr, peer_port, to_port)
         conn = TcpConn(key, sock, flow, inbound=True)
+        conn.host, conn.host_port = peer, peer_port
         isn = initial_seq(src + peer_port.to_bytes(2, "big"), gaddr + to_port.to_bytes(2, "big"))
         conn.snd_una = isn
         conn.snd_nxt = conn.snd_max = (isn + 1) & M32
@@ -805,11 +836,13 @@ class TcpHandler:
         conn.rcv_wnd = self._free_space(conn)
         self.conns[key] = conn
         self.timed.add(conn)
+        self.gate.opened(conn, verdict, tcp_record)
         conn.sock_event = partial(self._sock_event, conn)
         self.loop.add(conn.fd, SOCK_EVENTS, conn.sock_event)
         self._send_syn(conn)
 
     def _send_syn(self, conn: TcpConn) -> None:
+        conn.frames_down += 1
         mss = self.mss6 if conn.flow.v6 else self.mss4
         self.writer.send_ctrl(conn.flow, conn.snd_una, 0, SYN, min(conn.rcv_wnd, 0xFFFF),
                               _syn_options(mss, OUR_WSCALE))
@@ -829,7 +862,7 @@ class TcpHandler:
                 self.counters["handshake_timeout"] += 1
                 if st & CONNECTING or st & SYNACK_SENT:
                     self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, RST | ACK, 0)
-                self._abort(conn)
+                self._abort(conn, "timeout")
                 continue
             if st & WND_CLOSED:
                 conn.rcv_wnd = self._free_space(conn)
@@ -856,7 +889,7 @@ class TcpHandler:
         if conn.retries > MAX_RETRIES:
             self.counters["retries_exceeded"] += 1
             self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, RST | ACK, 0)
-            self._abort(conn)
+            self._abort(conn, "timeout")
             return
         conn.rto = min(conn.rto * 2, RTO_MAX)
         conn.rto_at = now + conn.rto
@@ -880,19 +913,21 @@ class TcpHandler:
         for conn in [c for c in self.conns.values() if c.last_activity < limit]:
             self.counters["idle_timeout"] += 1
             self.writer.send_ctrl(conn.flow, conn.snd_nxt, conn.rcv_nxt, RST | ACK, 0)
-            self._abort(conn)
+            self._abort(conn, "timeout")
 
-    def _abort(self, conn: TcpConn) -> None:
+    def _abort(self, conn: TcpConn, why: str) -> None:
         """Close with a reset towards the host-side peer."""
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
         except OSError:
             pass
-        self._close(conn)
+        self._close(conn, why)
 
-    def _close(self, conn: TcpConn) -> None:
+    def _close(self, conn: TcpConn, why: str = "fin") -> None:
+        """The one place a connection ends; `why` goes to the flow log."""
         if conn.state & CLOSED:
             return
+        self.gate.closed(conn, why, tcp_record)
         conn.state = CLOSED
         self.loop.remove(conn.fd)
         conn.sock.close()
@@ -905,6 +940,10 @@ class TcpHandler:
                        seq: int, ack: int, flags: int, plen: int) -> None:
         """A segment for no connection we know: answer RST (RFC 793, 3.4)."""
         self.counters["unknown"] += 1
+        self._rst_reply(v6, frame, l3, sport, dport, seq, ack, flags, plen)
+
+    def _rst_reply(self, v6: bool, frame: memoryview, l3: int, sport: int, dport: int,
+                   seq: int, ack: int, flags: int, plen: int) -> None:
         if v6:
             src, dst = bytes(frame[l3 + 24:l3 + 40]), bytes(frame[l3 + 8:l3 + 24])
         else:
@@ -918,11 +957,11 @@ class TcpHandler:
 
     def _rst_for_syn(self, v6: bool, frame: memoryview, l3: int, l4: int, seq: int) -> None:
         sport, dport = struct.unpack_from("!HH", frame, l4)
-        self._reset_unknown(v6, frame, l3, sport, dport, seq, 0, SYN, 0)
+        self._rst_reply(v6, frame, l3, sport, dport, seq, 0, SYN, 0)
 
     def close_all(self) -> None:
         for conn in list(self.conns.values()):
-            self._abort(conn)
+            self._abort(conn, "exit")
         self._tick_timer.cancel()
         self._idle_timer.cancel()
         if self._more_timer is not None:

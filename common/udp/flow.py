@@ -30,13 +30,20 @@ from typing import Generic, TypeVar
 
 class Flow:
     """What the table needs of an entry; handlers subclass it with their own slots."""
-    __slots__ = ("key", "last", "replied", "closed", "opened", "bytes_up", "bytes_down")
+    __slots__ = ("key", "last", "replied", "closed", "opened", "bytes_up", "bytes_down",
+                 "frames_up", "frames_down", "fid", "verdict", "why", "ends")
 
     def __init__(self, key: bytes | tuple, now: float) -> None:
         self.key = key
         self.opened = now        # for `pesto --flows`
         self.bytes_up = 0        # payload bytes from the guest (counted where cheap)
         self.bytes_down = 0      # payload bytes towards the guest
+        self.frames_up = 0       # datagrams (messages) from the guest, and towards it
+        self.frames_down = 0
+        self.fid = 0             # the flow log's id and the policy's verdict (common.gate)
+        self.verdict = None
+        self.why = "closed"      # why it ended: the table says "timeout", "evicted", "exit"
+        self.ends = None         # (path, guest, host) as the flow log writes them, once made
         self.last = now          # time of the last datagram, either way
         self.replied = False     # traffic has gone both ways
         self.closed = False
@@ -79,6 +86,7 @@ class FlowTable(Generic[F]):
             return False
         victim = next(iter(self._oneway.values()))
         self.evicted += 1
+        victim.why = "evicted"
         self.close(victim)
         return True
 
@@ -122,10 +130,12 @@ class FlowTable(Generic[F]):
         idle = [f for f in self.flows.values()
                 if f.last < (replied_before if f.replied else oneway_before)]
         for f in idle:
+            f.why = "timeout"
             self.close(f)
         self.expired += len(idle)
         return len(idle)
 
     def close_all(self) -> None:
         for f in list(self.flows.values()):
+            f.why = "exit"
             self.close(f)

@@ -61,12 +61,15 @@ from common import log as plog
 from common.budget import FdBudget
 from common.conf import Config
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
+from common.flowinfo import datagram_record
+from common.gate import Gate
 from common.guest import GuestState
 from common.listeners import set_freebind
 from common.loop import ERR, IN, Loop
 from common.mapping import AddressMap, forbidden
 from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.ratelimit import RateLimited
+from common.refuse import prohibited4, prohibited6
 from common.tap import TapBackend
 from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
@@ -98,7 +101,7 @@ class UdpFlow(Flow):
     """One conversation.  Outbound flows own a connected socket (`peer` None);
     inbound flows (from a forwarded port) send through the listener's socket
     to `peer`."""
-    __slots__ = ("hdr", "sock", "fd", "peer", "listener", "host")
+    __slots__ = ("hdr", "sock", "fd", "peer", "listener", "host", "dns")
 
     def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
                  host: bytes, peer: tuple | None = None,
@@ -110,6 +113,7 @@ class UdpFlow(Flow):
         self.peer = peer           # inbound: the host-side sockaddr replies go to
         self.listener = listener
         self.host = host           # packed host-side address of the far end
+        self.dns = False           # its answers are read for --allow-dns-name
 
     def __repr__(self) -> str:
         h = self.hdr
@@ -151,12 +155,14 @@ class UdpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
                  addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
                  idle: float = IDLE_TIMEOUT, idle_replied: float = IDLE_TIMEOUT_REPLIED,
-                 expire_scan: float = EXPIRE_SCAN, fds: FdBudget | None = None) -> None:
+                 expire_scan: float = EXPIRE_SCAN, fds: FdBudget | None = None,
+                 gate: Gate | None = None) -> None:
         self.conf = conf
         self.fds = fds or budget.shared()        # outbound flows: one descriptor each
         self.loop = loop
         self.tap = tap
         self.guest = guest
+        self.gate = gate or Gate()
         self.map = addrmap or AddressMap(conf)
         self.writer = DatagramWriter(tap, conf.our_mac, guest)
         self.table: FlowTable[UdpFlow] = FlowTable(limit=max_flows, idle=idle,
@@ -192,7 +198,7 @@ class UdpHandler:
             key = bytes(frame[l3 + 12:l3 + 20]) + bytes(frame[l4:l4 + 4])
         flow = self.table.flows.get(key)
         if flow is None:
-            flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4)
+            flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4, l3, end)
             if flow is None:
                 return
         self._to_host(flow, frame[l4 + 8:l4 + ulen])
@@ -211,7 +217,7 @@ class UdpHandler:
             key = bytes(frame[l3 + 8:l3 + 40]) + bytes(frame[l4:l4 + 4])
         flow = self.table.flows.get(key)
         if flow is None:
-            flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4)
+            flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4, l3, end)
             if flow is None:
                 return
         self._to_host(flow, frame[l4 + 8:l4 + ulen])
@@ -227,6 +233,7 @@ class UdpHandler:
                     if not flow.replied:
                         self.table.mark_replied(flow)
                 flow.bytes_up += len(data)
+                flow.frames_up += 1
                 return
             except BlockingIOError:
                 self.counters["sock_full"] += 1
@@ -249,7 +256,7 @@ class UdpHandler:
         return raddr[0] >= 224 or raddr == self.bcast4
 
     def _open(self, v6: bool, key: bytes, frame: memoryview, src: int, dst: int,
-              l4: int) -> UdpFlow | None:
+              l4: int, l3: int, end: int) -> UdpFlow | None:
         alen = 16 if v6 else 4
         gaddr, raddr = bytes(frame[src:src + alen]), bytes(frame[dst:dst + alen])
         gport, rport = _PORTS.unpack_from(frame, l4)
@@ -265,6 +272,12 @@ class UdpHandler:
             return inbound
         if self._bad_destination(v6, raddr):
             self.counters["multicast" if raddr[0] >= 224 else "bad_dst"] += 1
+            return None
+        verdict = self.gate.check(PROTO_UDP, v6, gaddr, gport, raddr, rport)
+        if not verdict.allow:
+            self.counters["denied"] += 1
+            if self.gate.reset:
+                self._prohibited(v6, frame[l3:end])
             return None
         if not self.table.room() or not self.fds.take(by_guest=True):
             self.counters["limit"] += 1
@@ -291,10 +304,18 @@ class UdpHandler:
         self.table.add(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))
         self.counters["opened"] += 1
+        self.gate.opened(flow, verdict, datagram_record)
+        flow.dns = self.gate.watch_dns(PROTO_UDP, raddr, rport)
         _observe(self.guest, v6, gaddr)
         if plog.TRACE_ON:
             log.log(plog.TRACE, "udp: new flow %r, host port %d", flow, host_port)
         return flow
+
+    def _prohibited(self, v6: bool, packet: memoryview) -> None:
+        """Refuse a denied datagram as a firewall does: ICMP administratively prohibited."""
+        our, mac = self.conf.our_mac, self.guest.mac
+        self.tap.send_frame(prohibited6(mac, our, packet) if v6 else
+                            prohibited4(mac, our, packet))
 
     def _socket(self, v6: bool, gport: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
@@ -329,6 +350,7 @@ class UdpHandler:
             view, limit = writer.udp_payload4, self.max4
         recv_into = flow.sock.recv_into
         send = writer.send_udp
+        dns = self.gate.dns_datagram if flow.dns else None
         got = 0
         for _ in range(DRAIN_MAX):
             try:
@@ -343,10 +365,13 @@ class UdpHandler:
             if n > limit:
                 self.counters["oversize"] += 1
                 continue
+            if dns is not None:
+                dns(view[:n])
             if not send(hdr, n):
                 self.counters["tap_drop"] += 1
             else:
                 flow.bytes_down += n
+                flow.frames_down += 1
         if got:
             self.table.reply_seen(flow, time.monotonic())
 
@@ -400,6 +425,7 @@ class UdpHandler:
                 self.counters["tap_drop"] += 1
             else:
                 flow.bytes_down += n
+                flow.frames_down += 1
 
     def _open_inbound(self, listener: UdpListener, addr: tuple, now: float) -> UdpFlow | None:
         v6 = listener.v6
@@ -419,6 +445,10 @@ class UdpHandler:
             # the guest already talks to this very address and port: same frames
             self.counters["collision"] += 1
             return existing
+        verdict = self.gate.check_inbound(PROTO_UDP, v6, guest, listener.to_port, peer, addr[1])
+        if not verdict.allow:
+            self.counters["denied"] += 1       # no ICMP: ours would come from no socket
+            return None
         if not self.table.room():
             self.counters["limit"] += 1
             return None
@@ -428,6 +458,7 @@ class UdpHandler:
         listener.peers[addr] = flow
         self._inbound_replies[src + _PORTS.pack(listener.to_port, addr[1])] = flow
         self.counters["opened_inbound"] += 1
+        self.gate.opened(flow, verdict, datagram_record)
         if plog.TRACE_ON:
             log.log(plog.TRACE, "udp: new inbound flow %r", flow)
         return flow
@@ -435,6 +466,7 @@ class UdpHandler:
     def drop_listener(self, listener: UdpListener) -> None:
         """A forwarded port closes: forget the flows that came through it."""
         for flow in list(listener.peers.values()):
+            flow.why = "closed"
             self.table.close(flow)
         listener.peers = {}
         listener.owner = None
@@ -490,6 +522,7 @@ class UdpHandler:
 
     def _release(self, flow: UdpFlow) -> None:
         """FlowTable callback: a flow is gone (expired, evicted or closed)."""
+        self.gate.closed(flow, flow.why, datagram_record)
         listener = flow.listener
         if listener is not None:
             if listener.peers.get(flow.peer) is flow:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from common.conf import Config
 from common.dataplane import DataPlane
+from common.gate import Gate
 from common.guest import GuestState
 from common.loop import IN, Loop
 from common.mapping import AddressMap
@@ -49,10 +50,11 @@ class VhostUserConnection:
     def __init__(self, sock: socket.socket, conf: Config, loop: Loop,
                  pcap: Pcap | None = None, on_gone: Callable[[], None] | None = None,
                  on_dataplane: Callable[[DataPlane | None], None] | None = None,
-                 addrmap: AddressMap | None = None) -> None:
-        """`addrmap`: the session's, made at set-up (see DataPlane)."""
+                 addrmap: AddressMap | None = None, gate: Gate | None = None) -> None:
+        """`addrmap`: the session's, made at set-up (see DataPlane); `gate`: the process's."""
         self.sock = sock
         self.addrmap = addrmap
+        self.gate = gate
         self.fd = sock.fileno()
         self.conf = conf
         self.loop = loop
@@ -159,7 +161,7 @@ class VhostUserConnection:
             self._stop_dataplane()
         self.tap = VhostUserTap(dev, self.loop, self.pcap)
         self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf),
-                                   self.addrmap)
+                                   self.addrmap, gate=self.gate)
         self.dataplane.on_tap_gone = lambda: None      # the control socket says when
         self.dataplane.start()
         self.device.limited.log("link up", logging.INFO,

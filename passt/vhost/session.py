@@ -49,7 +49,8 @@ class VhostUserSession(Session):
                  f" (#{self.guests})" if self.guests > 1 else "")
         conn = VhostUserConnection(sock, self.conf, self.loop, self.pcap,
                                    on_gone=lambda: self._conn_gone(conn),
-                                   on_dataplane=self._set_dataplane, addrmap=self.addrmap)
+                                   on_dataplane=self._set_dataplane, addrmap=self.addrmap,
+                                   gate=self.gate)
         self.conn = conn
         self.tap = conn                  # "a guest is served": others are turned away
         conn.start()
