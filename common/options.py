@@ -242,8 +242,8 @@ SUMMARY = {
              "Without PID or --netns, run COMMAND (default: a shell) in a new user and\n"
              "network namespace connected by pasta.",
     "passt": "Unprivileged user-mode networking for virtual machines.",
-    "pesto": "Show and change the port forwarding of a running pasta or passt, through\n"
-             "the control socket PATH it made for -c PATH.",
+    "pesto": "Show and change the port forwarding and the egress policy of a running\n"
+             "pasta or passt, through the control socket PATH it made for -c PATH.",
 }
 
 
