@@ -106,14 +106,27 @@ def test_every_flow_opens_and_closes_with_its_bytes(services, procs, tmp_path): 
 
 
 def test_flow_log_stays_under_its_cap(services, procs, tmp_path):  # noqa: F811
+    """Three batches of 50 connections, a flush (about 23 KB) apart: the third takes the
+    file past its 64 KiB cap, which then keeps its newest half, in whole lines."""
     topo = services
     flog = tmp_path / "flows.jsonl"
+    cap = 65536
     target, pid = start_pasta(topo, procs, tmp_path, "--flow-log", str(flog),
-                              "--flow-log-size", "4096")
-    srv = server(procs, topo.router, ALLOWED4, "sink", 1000, seed=5, conns=80, port=5905)
-    assert client(target, ALLOWED4, "send", 1000, seed=5, parallel=80, port=5905)["ok"]
-    assert len(server_results(srv)) == 80
+                              "--flow-log-size", str(cap))
+    srv = server(procs, topo.router, ALLOWED4, "sink", 1000, seed=5, conns=150, port=5905)
+    sizes = [0]
+    for batch in range(3):
+        assert client(target, ALLOWED4, "send", 1000, seed=5 + 50 * batch, parallel=50,
+                      port=5905)["ok"]
+        # the flow log's timer writes the batch at once, within a second
+        wait_for(lambda: flog.stat().st_size != sizes[-1], timeout=5, what="a flush")
+        sizes.append(flog.stat().st_size)
+    sizes.pop(0)
+    assert len(server_results(srv)) == 150
     stop(pid)
-    assert 0 < flog.stat().st_size <= 4096
+    assert sizes[0] < sizes[1] <= cap and sizes[2] < sizes[1], sizes    # shrunk once
+    assert flog.stat().st_size <= cap
     got = records(flog)                        # whole lines only
-    assert len(got) >= 4 and got[-1]["event"] == "close" and got[-1]["to_guest"] == 65
+    closes = [r for r in got if r["event"] == "close"]
+    assert {r["id"] for r in closes} >= set(range(101, 151)), got[0]   # the newest kept
+    assert all(r["to_guest"] == DIGEST_LINE and r["from_guest"] == 1000 for r in closes)
