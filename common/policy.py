@@ -44,7 +44,6 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from common.fwd import format_port_set, parse_port_set, show
@@ -72,14 +71,20 @@ class PolicyError(ValueError):
     """A rule or policy file that cannot be used; the message is one line naming it."""
 
 
-@dataclass(frozen=True, slots=True)
 class Rule:
-    action: str                              # "allow" or "deny"
-    slots: tuple[int, ...]                   # protocols: TCP, UDP, ICMP
-    nets: tuple[Network, ...]                # destinations (none for a DNS rule)
-    ports: tuple[tuple[int, int], ...] | None  # None: every port
-    text: str                                # as shown: "allow tcp:10.0.0.0/8:443"
-    dns: str | None = None                   # allow-dns-name: the name or *.SUFFIX
+    """One rule, as parsed (immutable by convention).  A plain class: a dataclass costs
+    a millisecond of start-up to build."""
+    __slots__ = ("action", "slots", "nets", "ports", "text", "dns")
+
+    def __init__(self, action: str, slots: tuple[int, ...], nets: tuple[Network, ...],
+                 ports: tuple[tuple[int, int], ...] | None, text: str,
+                 dns: str | None = None) -> None:
+        self.action = action          # "allow" or "deny"
+        self.slots = slots            # protocols: TCP, UDP, ICMP
+        self.nets = nets              # destinations (none for a DNS rule)
+        self.ports = ports            # None: every port
+        self.text = text              # as shown: "allow tcp:10.0.0.0/8:443"
+        self.dns = dns                # allow-dns-name: the name or *.SUFFIX
 
     def fits(self, slot: int, port: int) -> bool:
         """Protocol and port match (the address is the matcher's business)."""
@@ -87,6 +92,9 @@ class Rule:
             return False
         ports = self.ports
         return ports is None or any(lo <= port <= hi for lo, hi in ports)
+
+    def __repr__(self) -> str:
+        return f"<Rule {self.text!r}>"
 
 
 # ---------------------------------------------------------------- parsing
@@ -289,16 +297,19 @@ def parse_cli(entries: Iterable[tuple[str, str]], resolve: Resolver | None,
     return rules, default
 
 
-@dataclass(frozen=True)
 class PolicyConfig:
     """What the command line says about the policy and the flow log."""
-    rules: tuple[Rule, ...] = ()
-    default: str = "allow"
-    deny_action: str = "reset"               # reset (RST / ICMP prohibited) or drop
-    inbound: bool = False                    # --policy-inbound: forwarded ports too
-    flow_log: str | None = None              # PATH or "-" (stderr)
-    flow_log_size: int = 1 << 20
-    dns_names: tuple[str, ...] = field(default=(), compare=False)
+    __slots__ = ("rules", "default", "deny_action", "inbound", "flow_log", "flow_log_size")
+
+    def __init__(self, rules: tuple[Rule, ...] = (), default: str = "allow",
+                 deny_action: str = "reset", inbound: bool = False,
+                 flow_log: str | None = None, flow_log_size: int = 1 << 20) -> None:
+        self.rules = rules
+        self.default = default
+        self.deny_action = deny_action    # reset (RST / ICMP prohibited) or drop
+        self.inbound = inbound            # --policy-inbound: forwarded ports too
+        self.flow_log = flow_log          # PATH or "-" (stderr)
+        self.flow_log_size = flow_log_size
 
     @property
     def enabled(self) -> bool:
