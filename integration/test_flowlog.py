@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from integration.conftest import run, stop_pid, wait_for
+from integration.conftest import our_command, run, stop_pid, wait_for
 from integration.guest.hostnet import socket_dir
 from integration.test_policy import (
     ALLOWED4,
@@ -17,6 +18,7 @@ from integration.test_policy import (
     DENIED4,
     ECHO,
     HTTP,
+    NO_FORWARDS,
     PESTO,
     probe,
     services,  # noqa: F401 - the fixture
@@ -130,3 +132,39 @@ def test_flow_log_stays_under_its_cap(services, procs, tmp_path):  # noqa: F811
     closes = [r for r in got if r["event"] == "close"]
     assert {r["id"] for r in closes} >= set(range(101, 151)), got[0]   # the newest kept
     assert all(r["to_guest"] == DIGEST_LINE and r["from_guest"] == 1000 for r in closes)
+
+
+CONNECT = r'''
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+while s.recv(4096):
+    pass
+s.close()
+print("done", flush=True)
+time.sleep(float(sys.argv[3]))
+'''
+
+
+def test_flow_log_on_stderr_within_a_second(services, procs):  # noqa: F811
+    """--flow-log - with a command (pasta in the foreground): the records reach standard
+    error by the flow log's timer, within about a second of the flow closing."""
+    topo = services
+    p = procs.start(topo.host.cmd(*our_command("pasta"), "--config-net", "-q",
+                                  "--flow-log", "-", *NO_FORWARDS, "--", PY, "-c", CONNECT,
+                                  ALLOWED4, str(HTTP), "4"), text=True)
+    assert p.stdout.readline().strip() == "done"
+    done = time.monotonic()
+    got = []
+    while len(got) < 2:
+        line = p.stderr.readline()
+        assert line, "standard error closed"
+        if line.startswith("{"):
+            got.append(json.loads(line))
+    assert time.monotonic() - done < 2.0                 # not only at exit (4 s later)
+    assert [r["event"] for r in got] == ["open", "close"]
+    assert got[1]["host"] == f"{ALLOWED4}:{HTTP}" and got[1]["end"] in ("fin", "rst")
+    body = f"hello from {ALLOWED4}\n"
+    assert got[1]["to_guest"] == len(f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n"
+                                     f"\r\n{body}")
+    assert p.wait(15) == 0
