@@ -76,9 +76,14 @@ class Gate:
         self.loop = loop
         self._timers = []
         if loop is not None:
+            # due on the monotonic clock's whole seconds, as pasta's other periodic
+            # timers (common/listeners.py, pasta/watch.py): no wake-ups of their own
+            now = time.monotonic()
             if flow_log is not None:
-                self._timers.append(loop.call_every(FLUSH_INTERVAL, flow_log.flush))
-            self._timers.append(loop.call_every(EXPIRE_INTERVAL, self._expire))
+                self._timers.append(loop.call_every(FLUSH_INTERVAL, flow_log.flush,
+                                                    first=FLUSH_INTERVAL - now % FLUSH_INTERVAL))
+            self._timers.append(loop.call_every(EXPIRE_INTERVAL, self._expire,
+                                                first=EXPIRE_INTERVAL - now % EXPIRE_INTERVAL))
 
     # ------------------------------------------------------------ deciding
 
