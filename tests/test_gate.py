@@ -19,6 +19,7 @@ from common.packet.icmp import build_icmp4
 from common.packet.ipv4 import IPPROTO_ICMP, IPPROTO_TCP
 from common.packet.tcp import ACK, FIN, RST, SYN, TcpOptions, build_tcp4, parse_tcp
 from common.policy import PolicyConfig, parse_policy_text
+from common.udp.handler import UdpHandler
 from tests.support import GUEST_MAC, GW4, HOST4, OUR_MAC, FakeTap, make_conf, parse_frame, spin
 
 G = socket.inet_aton(HOST4)
@@ -148,3 +149,61 @@ def test_log_lines_are_json_of_the_record():
     assert (closed["frames_to_guest"], closed["frames_from_guest"]) == (2, 0)
     assert closed["duration"] == 1.25 and closed["end"] == "timeout"
     assert log_line("close", r, 5.0, "fin").isascii()
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_flow_log_says_why_flows_ended_evicted_timeout_rst(rig, tmp_path):
+    """The ends other than fin/denied/exit, from the handlers' real paths: a UDP flow
+    evicted from a full table, UDP flows idle past their timeout, a TCP connection the
+    guest resets."""
+    path = tmp_path / "flows"
+    flog = FlowLog.open(str(path), 1 << 20)
+    loop = Loop()
+    conf = make_conf("passt", tcp_ports=["none"], udp_ports=["none"])
+    gate = Gate(PolicyConfig(), loop=loop, flow_log=flog)
+    udp = UdpHandler(conf, loop, FakeTap(), GuestState(conf, GUEST_MAC), max_flows=2,
+                     idle=0.15, idle_replied=0.4, expire_scan=0.02, gate=gate)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    try:
+        for gport in (40011, 40012, 40013):
+            f = udp4_frame(OUR_MAC, GUEST_MAC, G, GW, gport, port, b"x")
+            udp.on_frame4(memoryview(f), 14, 34, len(f))
+        spin(loop, 0.4)
+        assert not udp.flows
+    finally:
+        udp.close_all()
+        srv.close()
+    gate.flush()
+    ends = {r["guest"]: r["end"] for r in _records(path) if r["event"] == "close"}
+    assert ends == {f"{HOST4}:40011": "evicted", f"{HOST4}:40012": "timeout",
+                    f"{HOST4}:40013": "timeout"}
+    gate.close()
+    loop.close()
+
+    tpath = tmp_path / "tcp-flows"
+    lsn = socket.create_server(("127.0.0.1", 0))
+    lsn.settimeout(2)
+    tport = lsn.getsockname()[1]
+    r = rig("", flow_log=FlowLog.open(str(tpath), 1 << 20))
+    r.send(r.syn(GW, tport))
+    spin(r.loop)
+    tcp, _ = parse_tcp(parse_frame(r.tap.frames[-1])[1])
+    assert tcp.flags == SYN | ACK
+    peer, _ = lsn.accept()
+    r.send(build_ipv4_frame(OUR_MAC, GUEST_MAC, G, GW, IPPROTO_TCP,
+                            build_tcp4(G, GW, 40000, tport, 1001, tcp.seq + 1, ACK, 65535)))
+    spin(r.loop)
+    r.send(build_ipv4_frame(OUR_MAC, GUEST_MAC, G, GW, IPPROTO_TCP,
+                            build_tcp4(G, GW, 40000, tport, 1001, 0, RST, 0)))
+    spin(r.loop)
+    assert not r.dp.tcp.conns
+    r.gate.flush()
+    (close,) = [x for x in _records(tpath) if x["event"] == "close"]
+    assert close["end"] == "rst" and close["host"] == f"127.0.0.1:{tport}"
+    peer.close()
+    lsn.close()
