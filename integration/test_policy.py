@@ -494,7 +494,12 @@ def test_bad_policy_input(topo, tmp_path, args, expected):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
-    assert not pidfile.exists() and left_in_run_netns(before) == set()
+    assert not pidfile.exists()
+    left = left_in_run_netns(before)
+    if left:            # others' tests and benchmarks make short-lived ones meanwhile:
+        time.sleep(2)   # what we left would still be there
+        left &= run_netns()
+    assert left == set()
     assert leftovers(str(pidfile)) == []
 
 
