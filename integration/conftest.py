@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_until
+
 PREFIX = Path(os.environ.get("PASST_PY_PREFIX", "/opt/passt-py"))
 HOST4, GW4, PREFIX4 = "10.77.0.2", "10.77.0.1", 24
 HOST6, GW6, PREFIX6 = "fd77::2", "fd77::1", 64
@@ -115,14 +117,8 @@ def stop_pid(pid: int, timeout: float = 3.0) -> None:
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    """`tests.support.wait_until` with the defaults of processes and namespaces."""
+    return wait_until(pred, timeout, interval=interval, what=what)
 
 
 def wait_sandboxed(pid: int, timeout: float = 15.0) -> None:

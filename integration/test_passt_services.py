@@ -306,6 +306,8 @@ def test_tftp_and_tcp_services_with_busybox_clients(tmp_path: Path) -> None:
 
     import pytest  # noqa: PLC0415
 
+    from integration.conftest import wait_for  # noqa: PLC0415
+
     if shutil.which("busybox") is None:
         pytest.fail("busybox is not installed (tools/test.sh installs busybox-static)")
     results = tmp_path / "results.jsonl"
@@ -337,8 +339,13 @@ def test_tftp_and_tcp_services_with_busybox_clients(tmp_path: Path) -> None:
         r = subprocess.run([bb, "nc", "127.0.0.1", str(base + 1)], stdin=subprocess.DEVNULL,
                            capture_output=True, timeout=30, check=True)
         assert r.stdout == data
-        time.sleep(0.2)
-        got = {e["svc"]: e for e in read_results(results)}
+        svcs = ("tftp-write", "tftp-read", "tcp-sink", "tcp-source")
+
+        def every_result() -> dict | None:
+            got = {e["svc"]: e for e in read_results(results)}
+            return got if all(k in got for k in svcs) else None
+
+        got = wait_for(every_result, timeout=5, what="the services' results")
         assert got["tftp-write"]["sha"] == hashlib.sha256(data[::-1]).hexdigest()
         assert got["tftp-write"]["blksize"] == 8192
         assert got["tftp-read"]["n"] == size

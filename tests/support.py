@@ -12,6 +12,8 @@ import fcntl
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from ipaddress import IPv6Address
 
 from common.conf import Config, build_config
@@ -41,6 +43,31 @@ def make_conf(mode: str = "passt", **opts) -> Config:
     return build_config(mode, opts, host, forward_parser=forward_config)
 
 
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, *, what: str = "condition",
+               interval: float = 0.005, step: Callable[[], object] | None = None):
+    """Wait for a condition, not for a time: pred() until it is true (its value returned),
+    between two tries step() (default: sleep `interval`); AssertionError naming `what`
+    after `timeout` seconds.  The one helper tests synchronise with (integration's
+    `wait_for` is this one)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        if step is None:
+            time.sleep(interval)
+        else:
+            step()
+
+
+def run_until(loop: Loop, pred: Callable[[], object], timeout: float = 5.0, *,
+              what: str = "condition"):
+    """Run the loop until pred() is true (wait_until, the loop running between tries)."""
+    return wait_until(pred, timeout, what=what, step=lambda: spin(loop, 0.002))
+
+
 def spin(loop: Loop, seconds: float = 0.05) -> None:
     """Run the loop for a while (it dispatches socket events and timers)."""
     loop.call_later(seconds, lambda: loop.stop(0))
@@ -61,7 +88,7 @@ class FakeTap:
     def fileno(self) -> int:
         return -1
 
-    def send(self, buf, start, end, csum_start=0, csum_offset=0, gso_type=0, gso_size=0):
+    def send(self, buf, start, end, csum_start=0, csum_offset=0, gso=0, gso_size=0):
         frame = bytearray(buf[start:end])
         if csum_start:
             self.partial.append((csum_start, csum_offset))

@@ -43,6 +43,7 @@ from tests.support import (
     HOST6,
     OUR_MAC,
     make_conf,
+    wait_until,
 )
 
 # ---------------------------------------------------------------- frames the client sends
@@ -253,7 +254,7 @@ def test_one_guest_at_a_time_then_the_next(server: Server) -> None:
     assert second.closed_by_peer(), "a second guest must be turned away"
     second.close()
     first.close()
-    time.sleep(0.1)
+    wait_until(lambda: server.session.tap is None, what="the first guest gone")
     third = Client(server.path)
     try:
         third.send(prefixed(arp_request(GW4)))
@@ -278,11 +279,12 @@ def test_one_off_stops_when_the_guest_leaves(tmp_path: Path) -> None:
 
 
 def test_guest_closing_mid_frame_is_a_disconnect(server: Server) -> None:
+    before = server.session.guests
     c = Client(server.path)
     c.send(prefixed(arp_request(GW4))[:20])
     c.close()
-    time.sleep(0.2)
-    assert server.session.tap is None
+    wait_until(lambda: server.session.guests == before + 1 and server.session.tap is None,
+               what="the guest attached and gone")
     c = Client(server.path)
     try:
         c.send(prefixed(arp_request(GW4)))

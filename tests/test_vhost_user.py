@@ -25,7 +25,7 @@ import pytest
 from common.tap import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from passt.vhost.protocol import ADDR, MEM_HEADER, REGION, STATE, U64, VERSION, F, Req
 from passt.vhost.session import VhostUserSession
-from tests.support import GW4, make_conf
+from tests.support import GW4, make_conf, wait_until
 from tests.test_passt import (
     arp_request,
     check_arp_reply,
@@ -104,7 +104,7 @@ def started(server: Server, g: Guest) -> Guest:
     """g's device up, and the loop past the look at each ring that starting it asks for
     (a drain of its own: counts of signals start after it)."""
     g.start()
-    wait_for(lambda: server.session.dataplane is not None, "the data plane")
+    wait_until(lambda: server.session.dataplane is not None, what="the data plane")
     server.call(lambda: None)
     server.call(lambda: None)      # the second runs after the loop's next poll
     return g
@@ -117,20 +117,9 @@ def guest(server: Server) -> Iterator[Guest]:
     g.close()
 
 
-def wait_for(pred: Callable[[], object], what: str, timeout: float = 5.0):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
 def frames_in(g: Guest, count: int = 1) -> list[tuple[bytes, bytes]]:
     got: list[tuple[bytes, bytes]] = []
-    wait_for(lambda: got.extend(g.received()) or len(got) >= count, f"{count} frame(s)")
+    wait_until(lambda: got.extend(g.received()) or len(got) >= count, what=f"{count} frame(s)")
     return got
 
 
@@ -183,7 +172,7 @@ def test_unsupported_requests_fail_alone_and_their_fds_are_closed(server: Server
         assert fe.u64(Req.GET_FEATURES)
     finally:
         g.close()
-    wait_for(lambda: server.session.conn is None, "the connection to end")
+    wait_until(lambda: server.session.conn is None, what="the connection to end")
     assert len(os.listdir("/proc/self/fd")) == before
 
 
@@ -286,8 +275,8 @@ def test_guest_header_flags_are_taken_and_bad_sizes_dropped(server: Server,
     big = guest.ram.alloc(70000)
     guest.tx.add([(big, 70000)], write=False)                # longer than any frame
     os.eventfd_write(guest.kick[1], 1)
-    wait_for(lambda: len(guest.tx.take_used()) >= 0 and guest.tx.used_idx() == 3,
-             "the bad buffers back")
+    wait_until(lambda: len(guest.tx.take_used()) >= 0 and guest.tx.used_idx() == 3,
+               what="the bad buffers back")
     assert server.call(lambda: server.session.conn.tap.bad_frames) == 2
     guest.send_frame(arp_request(GW4))
     check_arp_reply(frames_in(guest)[0][1], GW4)
@@ -351,7 +340,7 @@ def test_single_buffers_without_mrg_rxbuf(server: Server) -> None:
         g.post_rx(1, size=4096)
         small = b"\x52\x54\x00\x12\x34\x56" + bytes(194)
         inject(server, [small, small[:60]])
-        used = wait_for(lambda: g.rx.used_idx() == 2 and g.rx.take_used(), "two buffers")
+        used = wait_until(lambda: g.rx.used_idx() == 2 and g.rx.take_used(), what="two buffers")
         assert [n for _h, n in used] == [0, 12 + 60]
     finally:
         g.close()
@@ -383,7 +372,7 @@ def test_disabled_rings_take_no_frames_and_discard_guest_ones(server: Server,
     guest.enable(0)
     guest.enable(1, False)
     guest.send_frame(arp_request(GW4))
-    wait_for(lambda: guest.tx.used_idx() == 1, "the TX buffer back")
+    wait_until(lambda: guest.tx.used_idx() == 1, what="the TX buffer back")
     time.sleep(0.05)
     assert guest.rx.used_idx() == 0              # discarded: no ARP reply
     guest.enable(1)
@@ -439,7 +428,7 @@ def test_a_failing_handler_does_not_silence_the_guest(server: Server, features: 
         g.send_frame(arp_request(GW4), kick=False)
         g.send_frame(arp_request(GW4), kick=False)
         os.eventfd_write(g.kick[1], 1)
-        wait_for(lambda: g.tx.used_idx() == 2, "both TX buffers back")
+        wait_until(lambda: g.tx.used_idx() == 2, what="both TX buffers back")
         time.sleep(0.05)
         g.send_frame(arp_request(GW4))           # kicks only if the back-end wants it
         got = frames_in(g, 2)
@@ -484,7 +473,7 @@ def test_long_drain_yields_and_comes_back(server: Server) -> None:
         os.eventfd_write(g.kick[1], 1)
         got = frames_in(g, 300)
         assert len(got) == 300
-        wait_for(lambda: g.tx.used_idx() == 300, "every TX buffer back")
+        wait_until(lambda: g.tx.used_idx() == 300, what="every TX buffer back")
     finally:
         g.close()
 
@@ -625,7 +614,7 @@ def test_hostile_rx_ring_stops_rx_only(server: Server, guest: Guest, how: str,
     assert len(lines) == 1 and "RX queue stopped" in lines[0].getMessage(), lines
     # TX still drains (its frames' replies are dropped: RX is stopped)
     guest.send_frame(arp_request(GW4))
-    wait_for(lambda: guest.tx.used_idx() == 1, "the TX buffer back")
+    wait_until(lambda: guest.tx.used_idx() == 1, what="the TX buffer back")
 
 
 def test_front_end_resizing_a_running_ring_breaks_nothing(server: Server,
@@ -686,13 +675,13 @@ def test_next_front_end_after_a_disconnect(server: Server) -> None:
     before = len(os.listdir("/proc/self/fd"))
     first = server.connect()
     first.start()
-    wait_for(lambda: server.session.dataplane is not None, "the data plane")
+    wait_until(lambda: server.session.dataplane is not None, what="the data plane")
     second = server.connect()
     assert second.fe.closed(), "a second front-end must be turned away"
     second.close()
     first.close()
-    wait_for(lambda: server.session.conn is None and server.session.dataplane is None,
-             "the first guest to be gone")
+    wait_until(lambda: server.session.conn is None and server.session.dataplane is None,
+               what="the first guest to be gone")
     assert len(os.listdir("/proc/self/fd")) == before
     third = server.connect()
     try:
