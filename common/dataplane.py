@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from common import budget, ndp
+from common import ndp
 from common.conf import Config
 from common.demux import FrameDemux
+from common.flow import FlowTable
 from common.gate import Gate
 from common.guest import GuestState
 from common.icmp import IcmpHandler
@@ -31,10 +32,12 @@ RA_INTERVAL = getattr(ndp, "RA_INTERVAL", 60.0)
 class DataPlane:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend,
                  guest: GuestState | None = None, addrmap: AddressMap | None = None,
-                 *, gate: Gate | None = None) -> None:
+                 *, gate: Gate | None = None, flows: FlowTable | None = None) -> None:
         """`addrmap`: made at set-up and shared by passt's successive guests, since
         making one asks the host about interfaces (not possible in the sandbox).
-        `gate`: the process's (policy and flow log), which outlives this data plane."""
+        `gate`: the process's (policy and flow log), which outlives this data plane.
+        `flows`: the flow table (pasta shares it with its splice paths), else one of its
+        own, which tells that gate about the flows that open and close."""
         self.conf = conf
         self.loop = loop
         self.tap = tap
@@ -42,20 +45,24 @@ class DataPlane:
         self.gate = gate or Gate()
         self.demux = FrameDemux(conf, self.guest, tap)
         self.addrmap = addrmap or AddressMap(conf)
-        log.debug("descriptors for flows: %r", budget.shared())
+        self.flows = flows if flows is not None else FlowTable(loop, gate=self.gate)
+        log.debug("descriptors for flows: %r, at most %d flows", self.flows.fds,
+                  self.flows.limit)
         self.tcp: TcpHandler | None = None
         if conf.services.tcp:
-            self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
+            self.tcp = TcpHandler(conf, loop, tap, self.guest, self.addrmap, flows=self.flows)
             self.demux.tcp4 = self.tcp.on_frame4
             self.demux.tcp6 = self.tcp.on_frame6
         self.udp: UdpHandler | None = None
         if conf.services.udp:
-            self.udp = UdpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
+            self.udp = UdpHandler(conf, loop, tap, self.guest, self.addrmap,
+                           flows=self.flows)
             self.demux.udp4 = self.udp.on_frame4
             self.demux.udp6 = self.udp.on_frame6
         self.icmp: IcmpHandler | None = None
         if conf.services.icmp:
-            self.icmp = IcmpHandler(conf, loop, tap, self.guest, self.addrmap, gate=self.gate)
+            self.icmp = IcmpHandler(conf, loop, tap, self.guest, self.addrmap,
+                             flows=self.flows)
             self.demux.icmp4 = self.icmp.on_frame4
             self.demux.icmp6 = self.icmp.on_frame6
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
@@ -138,6 +145,7 @@ class DataPlane:
             self.udp.close_all()
         if self.icmp is not None:
             self.icmp.close_all()
+        self.flows.close_all()         # what is left (pasta's splice flows), and its timer
         if self._ra_timer is not None:
             self._ra_timer.cancel()
         if self._backlog_timer is not None:

@@ -2,10 +2,13 @@
 
 ARP, NDP, DHCP and DHCPv6 go to the sans-I/O responders, whose reply frames
 go straight back to the tap.  TCP, UDP and ICMP go to the L4 translation
-handlers registered in `l4` as `handler(frame, l3, l4, end)`, where `frame`
-is a memoryview of the whole Ethernet frame (valid only during the call),
-`l3`/`l4` are the offsets of the IP and transport headers and `end` is where
-the IP packet ends (trailing Ethernet padding excluded).
+handlers registered in `l4` as `handler(frame, l3, l4, end, key)`, where
+`frame` is a memoryview of the whole Ethernet frame (valid only during the
+call), `l3`/`l4` are the offsets of the IP and transport headers, `end` is
+where the IP packet ends (trailing Ethernet padding excluded) and `key` the
+frame's flow key (`common.flow`: cut out here, once, for every handler).  A
+key of a frame too short for its transport header is garbage the handler
+never looks up: it drops the frame as a runt first.
 
 The parsing here is the minimum needed to route a frame, done on the
 memoryview with no intermediate objects: this runs for every packet.  A frame
@@ -24,6 +27,7 @@ from collections.abc import Callable
 
 from common import arp, dhcp, dhcpv6, ndp
 from common.conf import Config
+from common.flow import echo_key4, echo_key6, frame_key4, frame_key6
 from common.guest import GuestState
 from common.ratelimit import HandlerErrors, handler_name
 from common.tap import TapBackend
@@ -39,7 +43,7 @@ _EXT_SKIP = frozenset((0, 43, 60))
 _EXT_FRAGMENT = 44
 _NDP_TYPES = frozenset((133, 134, 135, 136, 137))
 
-L4Handler = Callable[[memoryview, int, int, int], None]
+L4Handler = Callable[[memoryview, int, int, int, bytes], None]
 
 
 class FrameDemux:
@@ -77,7 +81,7 @@ class FrameDemux:
     def __call__(self, frame: memoryview) -> None:
         try:
             self._route(frame)
-        except Exception as exc:  # noqa: BLE001 - one bad frame costs one frame
+        except Exception as exc:  # one bad frame costs one frame
             self.errors.failed(handler_name(exc, __file__), exc)
 
     def _route(self, frame: memoryview) -> None:
@@ -115,12 +119,14 @@ class FrameDemux:
                 return self._drop("dhcp")
             h = self.udp4
         elif proto == PROTO_ICMP:
-            h = self.icmp4
+            if self.icmp4 is None:
+                return self._drop("proto4")
+            return self.icmp4(frame, 14, l4, end, echo_key4(frame, 14, l4))
         else:
             h = None
         if h is None:
             return self._drop("proto4")
-        h(frame, 14, l4, end)
+        h(frame, 14, l4, end, frame_key4(frame, 14, l4))
 
     def _ipv6(self, frame: memoryview, n: int) -> None:
         if n < 54 or frame[14] >> 4 != 6 or self.conf.ip6 is None:
@@ -152,9 +158,11 @@ class FrameDemux:
                 if self._ndp:
                     return self._reply(ndp.handle(frame, self.conf, self.guest))
                 return self._drop("ndp")
-            h = self.icmp6
+            if self.icmp6 is None:
+                return self._drop("proto6")
+            return self.icmp6(frame, 14, l4, end, echo_key6(frame, 14, l4))
         else:
             h = None
         if h is None:
             return self._drop("proto6")
-        h(frame, 14, l4, end)
+        h(frame, 14, l4, end, frame_key6(frame, 14, l4))

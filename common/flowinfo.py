@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from common.flow import UDP_SPLICE
+
 FlowSource = Callable[[], Iterable["FlowRecord"]]
 
 TCP_INFO = 11
@@ -27,7 +29,6 @@ _TCP_INFO_LEN = 136
 _BYTES = struct.Struct("=QQ")         # tcpi_bytes_acked, tcpi_bytes_received
 _BYTES_AT = 120
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
-_LOOPBACK6 = socket.inet_pton(socket.AF_INET6, "::1")
 
 
 @dataclass(slots=True)                # not frozen: built twice per flow for the flow log
@@ -79,26 +80,21 @@ def _age(opened: float | None, now: float) -> float | None:
     return None if opened is None else round(now - opened, 3)
 
 
-def _loopback(addr: bytes) -> bool:
-    return addr[0] == 127 if len(addr) == 4 else addr == _LOOPBACK6
-
-
 def _policy(obj) -> tuple[str | None, str | None]:
     v = getattr(obj, "verdict", None)
     return (None, None) if v is None else (v.word, v.label)
 
 
 def tcp_record(conn, now: float | None = None) -> FlowRecord:
-    """One TcpConn, from the counters it keeps (exact, whatever the socket's state)."""
+    """One TcpConn (a `common.flow` flow), from the counters it keeps (exact, whatever
+    the socket's state)."""
     now = time.monotonic() if now is None else now
     ends = conn.ends
     if ends is None:
-        f = conn.flow
+        f = conn.hdr
         family = socket.AF_INET6 if f.v6 else socket.AF_INET
-        host = conn.host
-        ends = conn.ends = ("loopback" if _loopback(host) else "tap",
-                            endpoint(family, f.dst, f.dport),
-                            endpoint(family, host, conn.host_port))
+        ends = conn.ends = (conn.path, endpoint(family, f.dst, f.dport),
+                            endpoint(family, conn.host_addr, conn.host_port))
     v = conn.verdict
     return FlowRecord("tcp", ends[0], ends[1], ends[2], bool(conn.inbound), conn.bytes_down,
                       conn.bytes_up, round(now - conn.opened, 3), conn.fid or None,
@@ -120,17 +116,15 @@ def datagram_record(flow, proto: str = "udp", now: float | None = None) -> FlowR
     ends = flow.ends
     if ends is None:
         family = socket.AF_INET6 if h.v6 else socket.AF_INET
-        host_addr = getattr(flow, "host", None)
+        host_addr = flow.host_addr
         if getattr(flow, "peer", None):
             host = endpoint(family, flow.peer[0], flow.peer[1])
-        elif host_addr is not None and h.sport:
-            host = endpoint(family, host_addr, h.sport)
-        elif host_addr is not None:
-            host = socket.inet_ntop(family, host_addr)
+        elif h.sport:
+            host = endpoint(family, host_addr, flow.host_port)
         else:
-            host = _sockname(flow.sock, peer=True)
+            host = socket.inet_ntop(family, host_addr)
         guest = endpoint(family, h.dst, h.dport) if h.dport else socket.inet_ntop(family, h.dst)
-        path = "loopback" if host_addr is not None and _loopback(host_addr) else "tap"
+        path = flow.path
         ends = flow.ends = (path, guest, host)
     verdict, rule = _policy(flow)
     return FlowRecord(_PROTO.get(h.proto, proto), ends[0], ends[1], ends[2],
@@ -142,8 +136,8 @@ def datagram_record(flow, proto: str = "udp", now: float | None = None) -> FlowR
 def datagram_flows(handler, proto: str = "udp") -> Iterator[FlowRecord]:
     """A UdpHandler's (or IcmpHandler's) flows."""
     now = time.monotonic()
-    for flow in list(handler.table.flows.values()):
-        if getattr(flow, "hdr", None) is None or flow.closed:
+    for flow in list(handler.flows.values()):
+        if flow.closed:
             continue
         yield datagram_record(flow, proto, now)
 
@@ -201,7 +195,7 @@ def udp_splice_record(flow, now: float | None = None) -> FlowRecord:
 
 def udp_splice_flows(splicer) -> Iterator[FlowRecord]:
     now = time.monotonic()
-    for flow in list(splicer.table.flows.values()):
+    for flow in splicer.table.of_kind(UDP_SPLICE):
         if not flow.closed:
             yield udp_splice_record(flow, now)
 

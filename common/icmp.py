@@ -31,10 +31,10 @@ import time
 from collections import Counter
 from functools import partial
 
-from common import budget
 from common import log as plog
-from common.budget import FdBudget
 from common.conf import Config
+from common.flow import ICMP, DatagramExpiry, FlowTable, TapFlow
+from common.flow import PROTO_ICMP as ICMP_INDEX
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, FlowHeader
 from common.flowinfo import datagram_record
 from common.gate import Gate
@@ -43,7 +43,6 @@ from common.loop import IN, Loop
 from common.mapping import AddressMap, forbidden
 from common.refuse import prohibited4, prohibited6
 from common.tap import TapBackend
-from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
 
 log = logging.getLogger("icmp")
@@ -51,8 +50,7 @@ log = logging.getLogger("icmp")
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
 IDLE_TIMEOUT = 60.0
-MAX_FLOWS = 1024
-EXPIRE_SCAN = 5.0
+MAX_FLOWS = 1024               # echo flows at most (the table's quota for them)
 DRAIN_MAX = 64
 PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 
@@ -69,70 +67,64 @@ def _read_ping_range() -> str:
 _PING_RANGE_AT_START = _read_ping_range()
 
 
-class EchoFlow(Flow):
-    __slots__ = ("hdr", "sock", "fd", "ident", "host")
+class EchoFlow(TapFlow):
+    __slots__ = ("sock", "fd", "ident")
 
     def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
                  ident: int, host: bytes) -> None:
-        super().__init__(key, now)
+        super().__init__(ICMP, key, hdr.v6, False, now, (host, 0))
         self.hdr = hdr            # replies: from the pinged address to the guest
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident        # the guest's identifier
-        self.host = host          # the address pinged, as the host sees it (packed)
 
 
 class IcmpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
-                 addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
-                 idle: float = IDLE_TIMEOUT, expire_scan: float = EXPIRE_SCAN,
-                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
+                 addrmap: AddressMap | None = None, *, flows: FlowTable | None = None,
+                 idle: float = IDLE_TIMEOUT, gate: Gate | None = None) -> None:
+        """`flows`: the flow table (the data plane's), else one of its own."""
         self.conf = conf
-        self.fds = fds or budget.shared()        # one descriptor per flow
         self.loop = loop
         self.tap = tap
         self.guest = guest
-        self.gate = gate or Gate()
+        self.gate = gate or (flows.gate if flows is not None else None) or Gate()
         self.map = addrmap or AddressMap(conf)
         self.writer = DatagramWriter(tap, conf.our_mac, guest)
-        self.table: FlowTable[EchoFlow] = FlowTable(limit=max_flows, idle=idle,
-                                                    idle_replied=idle, on_close=self._release)
+        self.table = flows if flows is not None else FlowTable(loop, gate=self.gate)
+        self.expiry = DatagramExpiry(self.table, idle, idle)
+        self.table.serve(ICMP, release=self._release, timer=self.expiry,
+                         record=datagram_record, quota=MAX_FLOWS)
+        self.flows: dict[bytes, EchoFlow] = self.table.index[ICMP_INDEX]   # by echo key
         self.counters: Counter[str] = Counter()
         self.max4 = conf.mtu - 20
         self.max6 = conf.mtu - 40
         self.forbidden_noted = False
-        self._timer = loop.call_every(expire_scan, self._expire)
-
-    @property
-    def flows(self) -> dict:
-        return self.table.flows
 
     # ================================================================ guest side
 
-    def on_frame4(self, frame: memoryview, l3: int, l4: int, end: int) -> None:
+    def on_frame4(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
         if end - l4 < 8:
             self.counters["runt"] += 1
             return
         if frame[l4] != ICMP_ECHO_REQUEST or frame[l4 + 1] != 0:
             self.counters["not_echo"] += 1
             return
-        key = bytes(frame[l3 + 12:l3 + 20]) + bytes(frame[l4 + 4:l4 + 6])
-        flow = self.table.flows.get(key)
+        flow = self.flows.get(key)
         if flow is None:
             flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4, l3, end)
             if flow is None:
                 return
         self._send(flow, frame[l4:end])
 
-    def on_frame6(self, frame: memoryview, l3: int, l4: int, end: int) -> None:
+    def on_frame6(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
         if end - l4 < 8:
             self.counters["runt"] += 1
             return
         if frame[l4] != ICMPV6_ECHO_REQUEST or frame[l4 + 1] != 0:
             self.counters["not_echo"] += 1
             return
-        key = bytes(frame[l3 + 8:l3 + 40]) + bytes(frame[l4 + 4:l4 + 6])
-        flow = self.table.flows.get(key)
+        flow = self.flows.get(key)
         if flow is None:
             flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4, l3, end)
             if flow is None:
@@ -172,14 +164,15 @@ class IcmpHandler:
                 self.tap.send_frame(prohibited6(mac, our, packet) if v6 else
                                     prohibited4(mac, our, packet))
             return None
-        if not self.table.room() or not self.fds.take(by_guest=True):
+        table = self.table
+        if not table.reserve(ICMP, 1, by_guest=True):
             self.counters["limit"] += 1
             return None
         host_addr, _ = self.map.to_host(v6, raddr, 0)
         try:
             sock = self._socket(v6, ident)
         except OSError as exc:
-            self.fds.give()
+            table.unreserve(1)
             self.counters["socket_fail"] += 1
             if exc.errno in (errno.EACCES, errno.EPERM):
                 self._note_forbidden()
@@ -192,14 +185,14 @@ class IcmpHandler:
             self.counters["connect_fail"] += 1
             log.debug("icmp: connect: %s", exc)
             sock.close()
-            self.fds.give()
+            table.unreserve(1)
             return None
         hdr = FlowHeader(v6, PROTO_ICMPV6 if v6 else PROTO_ICMP, raddr, gaddr)
         flow = EchoFlow(key, time.monotonic(), hdr, sock, ident, host_addr)
-        self.table.add(flow)
+        table.add(flow, 1, verdict)
+        self.expiry.start(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))
         self.counters["opened"] += 1
-        self.gate.opened(flow, verdict, datagram_record)
         return flow
 
     def _socket(self, v6: bool, ident: int) -> socket.socket:
@@ -270,15 +263,10 @@ class IcmpHandler:
 
     # ================================================================ lifetime
 
-    def _expire(self) -> None:
-        self.table.expire(time.monotonic())
-
     def _release(self, flow: EchoFlow) -> None:
-        self.gate.closed(flow, flow.why, datagram_record)
+        """The flow table's callback: a flow is gone (expired, evicted or closed)."""
         self.loop.remove(flow.fd)
         flow.sock.close()
-        self.fds.give()
 
     def close_all(self) -> None:
-        self._timer.cancel()
-        self.table.close_all()
+        self.table.close_kind(ICMP)

@@ -63,6 +63,9 @@ class Loop:
         self._wakeup: tuple[int, int] | None = None
         self._exit_code: int | None = None
         self.errors = HandlerErrors(log)
+        # the time of this turn of the loop: handlers stamp flows with it rather than
+        # each reading the clock (it lags the clock by one turn's work at most)
+        self.now = time.monotonic()
 
     @property
     def handler_errors(self) -> int:
@@ -77,9 +80,6 @@ class Loop:
 
     def modify(self, fd: int, events: int) -> None:
         self._epoll.modify(fd, events)
-
-    def set_handler(self, fd: int, handler: Handler) -> None:
-        self._handlers[fd] = handler
 
     def remove(self, fd: int) -> None:
         """Forget fd (call before closing it)."""
@@ -124,7 +124,7 @@ class Loop:
                 heapq.heappush(timers, (timer.deadline, next(self._seq), timer))
             try:
                 timer.fn()
-            except Exception as exc:  # noqa: BLE001 - see module docstring
+            except Exception as exc:  # see module docstring
                 self.errors.failed(f"timer {_name(timer.fn)}", exc)
         return -1.0
 
@@ -158,25 +158,24 @@ class Loop:
         if self._exit_code is None:
             self._exit_code = code
 
-    @property
-    def stopping(self) -> bool:
-        return self._exit_code is not None
-
     def run(self) -> int:
         handlers = self._handlers
         poll = self._epoll.poll
         monotonic = time.monotonic
         while self._exit_code is None:
-            timeout = self._run_timers(monotonic()) if self._timers else -1.0
+            self.now = now = monotonic()
+            timeout = self._run_timers(now) if self._timers else -1.0
             if self._exit_code is not None:
                 break
-            for fd, events in poll(timeout, 256):
+            ready = poll(timeout, 256)
+            self.now = monotonic()
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
                 try:
                     handler(events)
-                except Exception as exc:  # noqa: BLE001 - see module docstring
+                except Exception as exc:  # see module docstring
                     self.errors.failed(_name(handler), exc)
         return self._exit_code
 

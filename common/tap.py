@@ -28,8 +28,11 @@ The interface, used by the protocol handlers in `common/`:
   frame exactly once even if the sink raises.  Returns False when the link
   is gone.  A backend that may keep complete frames after a read (with no
   new event to announce them) says so in `backlog`.
-- `send(buf, start, end, csum_start, csum_offset)`: send buf[start:end];
-  returns False when the frame was dropped.
+- `send(buf, start, end, csum_start, csum_offset, gso, gso_size)`: send
+  buf[start:end]; returns False when the frame was dropped.  `gso` asks a
+  backend that offloads checksums to cut a large TCP segment into `gso_size`
+  pieces: an abstract kind (`GSO_TCP4`, `GSO_TCP6`) each backend translates
+  into its own header, so callers know nothing of virtio.
 - `send_frame(frame)`: the slow path for small frames built as bytes.
 """
 
@@ -57,6 +60,10 @@ VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 HEADROOM = 16                     # >= every backend's header, keeps payloads aligned
 
+# what `send` may ask a backend to segment a frame as, and virtio-net's name for each
+GSO_NONE, GSO_TCP4, GSO_TCP6 = 0, 1, 2
+VIRTIO_GSO = (VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6)
+
 _VNET = struct.Struct("=BBHHHH")
 READ_BATCH = 128                  # frames per readable event before yielding to others
 
@@ -74,7 +81,7 @@ class TapBackend(Protocol):
     def read(self, sink: Sink) -> bool: ...
     def send(self, buf: bytearray, start: int, end: int,
              csum_start: int = 0, csum_offset: int = 0,
-             gso_type: int = 0, gso_size: int = 0) -> bool: ...
+             gso: int = GSO_NONE, gso_size: int = 0) -> bool: ...
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool: ...
 
 
@@ -125,13 +132,13 @@ class TunTap:
 
     def send(self, buf: bytearray, start: int, end: int,
              csum_start: int = 0, csum_offset: int = 0,
-             gso_type: int = 0, gso_size: int = 0) -> bool:
+             gso: int = GSO_NONE, gso_size: int = 0) -> bool:
         if self.pcap is not None:
             self.pcap.write(memoryview(buf)[start:end])
         if self.vnet_hdr:
             start -= VNET_HDR_LEN
             _VNET.pack_into(buf, start, VIRTIO_NET_HDR_F_NEEDS_CSUM if csum_start else 0,
-                            gso_type, 0, gso_size, csum_start, csum_offset)
+                            VIRTIO_GSO[gso], 0, gso_size, csum_start, csum_offset)
         try:
             os.write(self.fd, memoryview(buf)[start:end])
         except OSError as exc:
@@ -207,7 +214,6 @@ class StreamTap:
         self.frames_in = self.frames_out = self.dropped_out = 0
         self.bad_frames = 0
         self.peak_queued = 0              # the most output ever waiting, bytes
-        self.on_drain: Callable[[], None] | None = None   # the queue just emptied
         sock.setblocking(False)
         if sndbuf:
             try:
@@ -316,7 +322,7 @@ class StreamTap:
 
     def send(self, buf: bytearray, start: int, end: int,
              csum_start: int = 0, csum_offset: int = 0,
-             gso_type: int = 0, gso_size: int = 0) -> bool:
+             gso: int = GSO_NONE, gso_size: int = 0) -> bool:
         hdr = start - 4
         length = end - start
         STREAM_LEN.pack_into(buf, hdr, length)
@@ -374,8 +380,6 @@ class StreamTap:
                 break
             del pending[:sent]
         self._watch_out(False)
-        if self.on_drain is not None:
-            self.on_drain()
 
     def _watch_out(self, on: bool) -> None:
         loop = self.loop

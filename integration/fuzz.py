@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from common.conf import Config
 from common.dataplane import DataPlane
+from common.flow import ICMP, TCP, UDP
 from common.guest import GuestState
 from common.listeners import TcpListener
 from common.loop import Loop
@@ -732,15 +733,14 @@ def run(frames: int, seed: int, *, confs: tuple[Config, Config], chunk: int = 32
         saved = tcp_mod.IDLE_TIMEOUT, tcp_mod.HANDSHAKE_TIMEOUT
         tcp_mod.IDLE_TIMEOUT, tcp_mod.HANDSHAKE_TIMEOUT = 1.0, 1.0
         for dp in planes.values():
-            for table in (dp.udp.table, dp.icmp.table):
-                table.idle = table.idle_replied = 1.0
+            for expiry in (dp.udp.expiry, dp.icmp.expiry):
+                expiry.idle = expiry.idle_replied = 1.0
         deadline = time.monotonic() + expire_within
         try:
             while time.monotonic() < deadline and any(_flows(dp) for dp in planes.values()):
                 for dp in planes.values():
-                    dp.tcp._idle_scan()               # noqa: SLF001 - the shortened scan
-                    dp.udp._expire()                  # noqa: SLF001
-                    dp.icmp._expire()                 # noqa: SLF001
+                    for kind in (TCP, UDP, ICMP):     # the shortened timeouts, now
+                        dp.flows.wake_all(kind)
                 _spin(loop, 0.2)
                 output.read()
         finally:

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable
 
 from common.conf import Config
+from common.flow import FlowTable
 from common.gate import Gate
 from common.guest import GuestState
 from common.listeners import PortForwarder, host_socket, tcp_listener
@@ -63,8 +64,10 @@ class PastaForwarding:
     def __init__(self, conf: Config, loop: Loop, ns: NsThread, tcp: TcpHandler | None,
                  splice: bool, udp: UdpHandler | None = None, *,
                  guest: GuestState | None = None, host_lo_to_ns_lo: bool = False,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None, flows: FlowTable | None = None) -> None:
+        """`flows`: the data plane's flow table (--splice-only: none, one of our own)."""
         self.conf = conf
+        self.flows = flows if flows is not None else FlowTable(loop, gate=gate)
         self.loop = loop
         self.ns = ns
         self.tcp = tcp
@@ -73,7 +76,7 @@ class PastaForwarding:
         # without a guest (--splice-only) only the namespace's loopback is there to reach
         ns_dest = ns_loopback if host_lo_to_ns_lo or guest is None else self._ns_address
         self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n),
-                               ns_dest, gate=gate)
+                               ns_dest, gate=gate, flows=self.flows)
         self.splice_in = splice
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
@@ -95,7 +98,7 @@ class PastaForwarding:
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
                                                                       family, n),
-                                      ns_dest=ns_dest, gate=gate)
+                                      ns_dest=ns_dest, gate=gate, flows=self.flows)
         ns_udp = self._scanner(("udp", "udp6"), in_ns=True)
         host_udp = self._scanner(("udp", "udp6"), in_ns=False)
         self.udp_in = PortForwarder(

@@ -155,7 +155,7 @@ class Session:
                                           udp=self.dataplane.udp, guest=self.dataplane.guest,
                                           host_lo_to_ns_lo=bool(
                                               self.opts.get("host_lo_to_ns_lo")),
-                                          gate=self.gate)
+                                          gate=self.gate, flows=self.dataplane.flows)
 
     def _on_stop_signal(self, signum: int) -> None:
         log.warning("%s: exiting", signal.Signals(signum).name)

@@ -36,8 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
-from common import budget
-from common.budget import FdBudget
+from common.flow import TCP_SPLICE, Flow, FlowTable
 from common.flowinfo import splice_record
 from common.gate import Gate
 from common.loop import ET, IN, OUT, RDHUP, Loop
@@ -54,7 +53,7 @@ _ERR = 0x008
 _HUP = 0x010
 _LINGER0 = struct.pack("ii", 1, 0)
 POOL_TARGET = 16
-MAX_CONNS = 32768              # at most; and 6 descriptors each from the budget
+MAX_CONNS = 32768              # spliced connections at most (their quota in the table)
 FDS_PER_CONN = 6               # two sockets, two pipes
 
 
@@ -71,20 +70,17 @@ class _Dir:
         self.moved = 0         # bytes read from src (for the flow log and pesto --flows)
 
 
-class SpliceConn:
-    __slots__ = ("a", "b", "fwd", "rev", "connecting", "closed", "pipes", "inbound", "opened",
-                 "fid", "verdict", "ends")
+class SpliceConn(Flow):
+    """A spliced connection: `inbound`, a is the host's client (-t), else the namespace's
+    (-T).  In the flow table once connected (`ends`: guest, host, noted then)."""
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes")
 
     def __init__(self, a: socket.socket, b: socket.socket, inbound: bool = True) -> None:
+        super().__init__(TCP_SPLICE, None, a.family == socket.AF_INET6, inbound,
+                         time.monotonic(), (b"", 0))
         self.a = a
         self.b = b
-        self.inbound = inbound     # a is the host's client (-t), else the namespace's (-T)
-        self.opened = time.monotonic()
-        self.fid = 0               # the flow log's id and verdict (common.gate)
-        self.verdict = None
-        self.ends: tuple[str, str] | None = None   # (guest, host), noted while connected
         self.connecting = True
-        self.closed = False
         self.pipes: list[int] = []
         self.fwd: _Dir | None = None
         self.rev: _Dir | None = None
@@ -111,17 +107,18 @@ def ns_loopback(v6: bool) -> str:
 
 class Splicer:
     def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]],
-                 ns_dest: NsDest = ns_loopback, *, max_conns: int = MAX_CONNS,
-                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
+                 ns_dest: NsDest = ns_loopback, *, gate: Gate | None = None,
+                 flows: FlowTable | None = None) -> None:
         """ns_socket(family, n): n new non-blocking stream sockets inside the namespace;
         ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.gate = gate or Gate()
         self.ns_socket = ns_socket
         self.ns_dest = ns_dest
-        self.max_conns = max_conns
-        self.fds = fds or budget.shared()
-        self.conns: set[SpliceConn] = set()
+        self.table = flows if flows is not None else FlowTable(loop, gate=self.gate)
+        self.table.serve(TCP_SPLICE, release=self._release, record=splice_record,
+                         quota=MAX_CONNS)
+        self.conns: set[SpliceConn] = set()     # connecting or connected
         self.counters: Counter[str] = Counter()
         self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
 
@@ -174,8 +171,7 @@ class Splicer:
 
     def _start(self, a: socket.socket, b: socket.socket, dest: tuple[str, int],
                inbound: bool = True) -> None:
-        if (len(self.conns) >= self.max_conns
-                or not self.fds.take(FDS_PER_CONN, by_guest=not inbound)):
+        if not self.table.reserve(TCP_SPLICE, FDS_PER_CONN, by_guest=not inbound):
             self.counters["limit"] += 1
             b.close()
             self._refuse(a)
@@ -185,7 +181,7 @@ class Splicer:
             for s in (a, b):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
-            self.fds.give(FDS_PER_CONN)
+            self.table.unreserve(FDS_PER_CONN)
             b.close()
             self._refuse(a)
             return
@@ -212,7 +208,7 @@ class Splicer:
         c.rev = _Dir(c.b.fileno(), c.a, r2, w2)
         c.connecting = False
         self.counters["opened"] += 1
-        self.gate.opened(c, self.gate.forwarded, splice_record)
+        self.table.add(c, FDS_PER_CONN, self.gate.forwarded)
         self.loop.add(c.a.fileno(), EVENTS, partial(self._event_a, c))
         self._move(c, c.fwd)
         if not c.closed:
@@ -295,9 +291,15 @@ class Splicer:
     def _close(self, c: SpliceConn, why: str = "fin") -> None:
         if c.closed:
             return
-        if c.fid:
-            self.gate.closed(c, why, splice_record)
-        c.closed = True
+        if not c.connecting:
+            self.table.close(c, why)            # which calls _release
+            return
+        c.closed = True                         # never listed: its reservation goes back
+        self._release(c)
+        self.table.unreserve(FDS_PER_CONN)
+
+    def _release(self, c: SpliceConn) -> None:
+        """Close what a connection holds (the flow table's callback, once connected)."""
         for s in (c.a, c.b):
             self.loop.remove(s.fileno())
             s.close()
@@ -305,7 +307,6 @@ class Splicer:
             os.close(fd)
         c.pipes = []
         self.conns.discard(c)
-        self.fds.give(FDS_PER_CONN)
 
     def close_all(self) -> None:
         for c in list(self.conns):

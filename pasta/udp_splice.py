@@ -25,7 +25,7 @@ hand us datagrams from loopback clients through their `local` hook
 (`from_host`).  `-U` listeners live in the namespace and are ours
 (`ns_listener`).  Sockets in the namespace are made by the namespace thread,
 a few at a time (`_pool`), as in the TCP splice path.  Flows expire like tap
-flows (`common.udp.flow`): 30 s idle, 180 s once the server has answered.
+flows (`common.flow`): 30 s idle, 180 s once the server has answered.
 """
 
 from __future__ import annotations
@@ -37,14 +37,11 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
-from common import budget
-from common.budget import FdBudget
+from common.flow import UDP_SPLICE, DatagramExpiry, Flow, FlowTable
 from common.flowinfo import udp_splice_record
 from common.gate import Gate
 from common.loop import ERR, IN, Loop
-from common.udp.flow import Flow, FlowTable
 from common.udp.handler import (
-    EXPIRE_SCAN,
     IDLE_TIMEOUT,
     IDLE_TIMEOUT_REPLIED,
     MAX_FLOWS,
@@ -63,11 +60,13 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
 class SpliceFlow(Flow):
-    __slots__ = ("out", "out_fd", "back", "peer", "owner")
+    __slots__ = ("lfd", "out", "out_fd", "back", "peer", "owner")
 
-    def __init__(self, key: tuple, now: float, out: socket.socket, back: socket.socket,
-                 peer: tuple, owner: object) -> None:
-        super().__init__(key, now)
+    def __init__(self, lfd: int, now: float, out: socket.socket, back: socket.socket,
+                 peer: tuple, owner: object, inbound: bool) -> None:
+        super().__init__(UDP_SPLICE, None, out.family == socket.AF_INET6, inbound, now,
+                         (b"", 0))
+        self.lfd = lfd             # the listening socket's descriptor: its clients by peer
         self.out = out             # ours, connected to the server's loopback port
         self.out_fd = out.fileno()
         self.back = back           # the listening socket the client sent to
@@ -104,27 +103,27 @@ class NsListener:
 
 class UdpSplicer:
     def __init__(self, loop: Loop, ns_sockets: Callable[[int, int], list[socket.socket]], *,
-                 ns_dest: NsDest = ns_loopback,
-                 max_flows: int = MAX_FLOWS, idle: float = IDLE_TIMEOUT,
-                 idle_replied: float = IDLE_TIMEOUT_REPLIED,
-                 fds: FdBudget | None = None, gate: Gate | None = None) -> None:
+                 ns_dest: NsDest = ns_loopback, idle: float = IDLE_TIMEOUT,
+                 idle_replied: float = IDLE_TIMEOUT_REPLIED, gate: Gate | None = None,
+                 flows: FlowTable | None = None) -> None:
         """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace;
-        ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
+        ns_dest(v6): the namespace address host loopback clients reach
+        (None: none now); flows: the flow table (shared with the data plane), else one
+        of its own."""
         self.loop = loop
-        self.fds = fds or budget.shared()        # one descriptor per flow
-        self.gate = gate or Gate()
+        self.gate = gate or (flows.gate if flows is not None else None) or Gate()
         self.ns_sockets = ns_sockets
         self.ns_dest = ns_dest
-        self.table: FlowTable[SpliceFlow] = FlowTable(limit=max_flows, idle=idle,
-                                                      idle_replied=idle_replied,
-                                                      on_close=self._release)
+        self.table = flows if flows is not None else FlowTable(loop, gate=self.gate)
+        self.expiry = DatagramExpiry(self.table, idle, idle_replied)
+        self.table.serve(UDP_SPLICE, release=self._release, timer=self.expiry,
+                         record=udp_splice_record, quota=MAX_FLOWS)
         self.counters: Counter[str] = Counter()
         self._buf = bytearray(BUF_SIZE)
         self._view = memoryview(self._buf)
         # listening socket fd -> client address -> flow
         self._peers: dict[int, dict[tuple, SpliceFlow]] = {}
         self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
-        self._timer = loop.call_every(EXPIRE_SCAN, self._expire)
 
     # ------------------------------------------------------------ entry points
 
@@ -172,7 +171,7 @@ class UdpSplicer:
 
     def forget_listener(self, fd: int) -> None:
         for flow in list(self._peers.get(fd, {}).values()):
-            self.table.close(flow)
+            self.table.close(flow, "closed")
         self._peers.pop(fd, None)
 
     # ------------------------------------------------------------ flows
@@ -191,13 +190,14 @@ class UdpSplicer:
     def _open(self, fd: int, back: socket.socket, owner: object, peer: tuple, family: int,
               to_port: int, make: Callable[[int], socket.socket],
               addr: str, by_guest: bool) -> SpliceFlow | None:
-        if not self.table.room() or not self.fds.take(by_guest=by_guest):
+        table = self.table
+        if not table.reserve(UDP_SPLICE, 1, by_guest=by_guest):
             self.counters["limit"] += 1
             return None
         try:
             out = make(family)
         except OSError as exc:
-            self.fds.give()
+            table.unreserve(1)
             self.counters["socket_fail"] += 1
             log.debug("udp splice: no socket: %s", exc)
             return None
@@ -214,14 +214,14 @@ class UdpSplicer:
             self.counters["connect_fail"] += 1
             log.debug("udp splice: to port %d: %s", to_port, exc)
             out.close()
-            self.fds.give()
+            table.unreserve(1)
             return None
-        flow = SpliceFlow((fd, peer), time.monotonic(), out, back, peer, owner)
-        self.table.add(flow)
+        flow = SpliceFlow(fd, time.monotonic(), out, back, peer, owner, not by_guest)
+        table.add(flow, 1, self.gate.forwarded)
+        self.expiry.start(flow)
         self._peers.setdefault(fd, {})[peer] = flow
         self.loop.add(flow.out_fd, IN, partial(self._reply, flow))
         self.counters["opened"] += 1
-        self.gate.opened(flow, self.gate.forwarded, udp_splice_record)
         return flow
 
     def _forward(self, flow: SpliceFlow, data: memoryview) -> None:
@@ -241,7 +241,7 @@ class UdpSplicer:
         if flow.closed:
             return
         if flow.owner.closed:          # the forwarded port went away
-            self.table.close(flow)
+            self.table.close(flow, "closed")
             return
         view = self._view
         recv_into = flow.out.recv_into
@@ -266,20 +266,15 @@ class UdpSplicer:
             self.table.reply_seen(flow, time.monotonic())
 
     def _release(self, flow: SpliceFlow) -> None:
-        self.gate.closed(flow, flow.why, udp_splice_record)
-        peers = self._peers.get(flow.key[0])
+        """The flow table's callback: a flow is gone (expired, evicted or closed)."""
+        peers = self._peers.get(flow.lfd)
         if peers is not None and peers.get(flow.peer) is flow:
             del peers[flow.peer]
         self.loop.remove(flow.out_fd)
         flow.out.close()
-        self.fds.give()
-
-    def _expire(self) -> None:
-        self.table.expire(time.monotonic())
 
     def close_all(self) -> None:
-        self._timer.cancel()
-        self.table.close_all()
+        self.table.close_kind(UDP_SPLICE)
         self._peers.clear()
         for pool in self._pool.values():
             for s in pool:

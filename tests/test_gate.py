@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from common.dataplane import DataPlane
+from common.flow import FlowTable, frame_key4
 from common.flowlog import FlowLog
 from common.gate import Gate
 from common.guest import GuestState
@@ -20,7 +21,17 @@ from common.packet.ipv4 import IPPROTO_ICMP, IPPROTO_TCP
 from common.packet.tcp import ACK, FIN, RST, SYN, TcpOptions, build_tcp4, parse_tcp
 from common.policy import PolicyConfig, parse_policy_text
 from common.udp.handler import UdpHandler
-from tests.support import GUEST_MAC, GW4, HOST4, OUR_MAC, FakeTap, make_conf, parse_frame, spin
+from tests.support import (
+    GUEST_MAC,
+    GW4,
+    HOST4,
+    OUR_MAC,
+    FakeTap,
+    make_conf,
+    parse_frame,
+    run_until,
+    spin,
+)
 
 G = socket.inet_aton(HOST4)
 GW = socket.inet_aton(GW4)
@@ -164,17 +175,17 @@ def test_flow_log_says_why_flows_ended_evicted_timeout_rst(rig, tmp_path):
     loop = Loop()
     conf = make_conf("passt", tcp_ports=["none"], udp_ports=["none"])
     gate = Gate(PolicyConfig(), loop=loop, flow_log=flog)
-    udp = UdpHandler(conf, loop, FakeTap(), GuestState(conf, GUEST_MAC), max_flows=2,
-                     idle=0.15, idle_replied=0.4, expire_scan=0.02, gate=gate)
+    udp = UdpHandler(conf, loop, FakeTap(), GuestState(conf, GUEST_MAC),
+                     flows=FlowTable(loop, limit=2, gate=gate), idle=0.15, idle_replied=0.4)
+    udp.expiry.grid = 0.01
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     try:
         for gport in (40011, 40012, 40013):
             f = udp4_frame(OUR_MAC, GUEST_MAC, G, GW, gport, port, b"x")
-            udp.on_frame4(memoryview(f), 14, 34, len(f))
-        spin(loop, 0.4)
-        assert not udp.flows
+            udp.on_frame4(memoryview(f), 14, 34, len(f), frame_key4(memoryview(f), 14, 34))
+        run_until(loop, lambda: not udp.flows, 2.0, what="the flows to expire")
     finally:
         udp.close_all()
         srv.close()

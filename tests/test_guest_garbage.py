@@ -158,7 +158,7 @@ def flood(rounds: int, seed: int) -> dict:
     # a flow may stay only with a deadline that ends it (a handshake a mangled SYN began)
     # or as the connection made above
     left = [repr(c) for c in dp.tcp.conns.values()
-            if not c.deadline and c.flow.dport != 40001]
+            if not c.deadline and c.guest_port != 40001]
     report = {
         "rounds": rounds,
         "established_before": established,

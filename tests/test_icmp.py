@@ -13,6 +13,7 @@ import struct
 
 import pytest
 
+from common.flow import echo_key4, echo_key6
 from common.guest import GuestState
 from common.icmp import IcmpHandler
 from common.loop import Loop
@@ -55,9 +56,9 @@ class Echo:
     def send(self, frame: bytes) -> None:
         view = memoryview(frame)
         if frame[12:14] == b"\x86\xdd":
-            self.icmp.on_frame6(view, 14, 54, len(frame))
+            self.icmp.on_frame6(view, 14, 54, len(frame), echo_key6(view, 14, 54))
         else:
-            self.icmp.on_frame4(view, 14, 34, len(frame))
+            self.icmp.on_frame4(view, 14, 34, len(frame), echo_key4(view, 14, 34))
 
     def close(self) -> None:
         self.icmp.close_all()

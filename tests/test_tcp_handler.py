@@ -21,7 +21,17 @@ from common.packet.checksum import l4_checksum4
 from common.packet.frames import build_ipv4_frame
 from common.packet.ipv4 import IPPROTO_TCP
 from common.packet.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, build_tcp4, parse_tcp
-from tests.support import GUEST_MAC, GW4, HOST4, OUR_MAC, FakeTap, make_conf, parse_frame, spin
+from tests.support import (
+    GUEST_MAC,
+    GW4,
+    HOST4,
+    OUR_MAC,
+    FakeTap,
+    make_conf,
+    parse_frame,
+    run_until,
+    spin,
+)
 
 G = socket.inet_aton(HOST4)          # the guest's address (the host's, by default)
 GW = socket.inet_aton(GW4)
@@ -64,6 +74,12 @@ class Guest:
 
     def run(self, seconds: float = 0.05) -> None:
         spin(self.loop, seconds)
+
+    def until(self, pred, timeout: float = 5.0, what: str = "frames"):
+        """Run the loop until pred(our segments since the last call) holds; those segments."""
+        got: list = []
+        run_until(self.loop, lambda: got.extend(self.frames()) or pred(got), timeout, what=what)
+        return got
 
     def close(self) -> None:
         self.dp.stop()
@@ -329,3 +345,122 @@ def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
     data = b"".join(p for _, p in g.frames())
     assert data == b"x" * 5000
     peer.close()
+
+
+def test_a_small_segments_ack_is_delayed_a_full_ones_is_not(guest, server):
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    g.frames()
+    g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")          # small: the ACK may wait
+    assert g.frames() == []
+    (ack, _), = g.until(bool, what="the delayed ACK")
+    assert ack.ack == ISN + 3
+    g.send(port, ISN + 3, isn + 1, ACK, b"x" * 1460)          # full-sized: at the batch's end
+    (ack, _), = g.frames()
+    assert ack.ack == ISN + 3 + 1460
+    peer.close()
+
+
+def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch):
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    data = os.urandom(3000)
+    peer.sendall(data)
+    first = g.until(lambda f: sum(len(p) for _, p in f) >= len(data))
+    assert b"".join(p for _, p in first) == data
+    g.send(port, ISN + 1, isn + 1 + 1000, ACK)                # the rest was lost
+    again = [(t.seq, p) for t, p in g.until(lambda f: any(p for _, p in f), what="the RTO")
+             if p]
+    assert again and again[0][0] == isn + 1 + 1000
+    assert b"".join(p for _, p in again).startswith(data[1000:])
+    assert g.tcp.counters["rto_retransmit"] >= 1
+    peer.close()
+
+
+def test_our_fin_is_retransmitted_until_acknowledged(guest, server):
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    peer.shutdown(socket.SHUT_WR)
+    has_fin = lambda f: any(t.flags & FIN for t, _ in f)      # noqa: E731
+    fins = [t for t, _ in g.until(has_fin, what="our FIN") if t.flags & FIN]
+    assert len(fins) == 1 and fins[0].seq == isn + 1
+    fins = [t for t, _ in g.until(has_fin, what="our FIN again") if t.flags & FIN]  # lost
+    assert fins and all(t.seq == isn + 1 for t in fins)
+    g.send(port, ISN + 1, isn + 2, ACK)                       # acknowledged: no more
+    g.frames()
+    g.run(0.5)
+    assert [t for t, _ in g.frames() if t.flags & FIN] == []
+    assert g.tcp.conns                                        # the guest's side is open
+    peer.close()
+
+
+def test_simultaneous_close(guest, server):
+    """Both FINs cross on the way: each side acknowledges the other's, and the
+    connection is gone with nothing reset."""
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    peer.settimeout(2)
+    peer.shutdown(socket.SHUT_WR)
+    (fin, _), = [f for f in g.until(lambda f: any(t.flags & FIN for t, _ in f)) if f[0].flags & FIN]
+    g.send(port, ISN + 1, isn + 1, ACK | FIN)                 # ours not acknowledged yet
+    assert peer.recv(10) == b""
+    acks = g.frames()
+    assert acks and acks[-1][0].ack == ISN + 2 and not acks[-1][0].flags & RST
+    assert g.tcp.conns
+    g.send(port, ISN + 2, fin.seq + 1, ACK)                   # now it is
+    g.run()
+    assert not g.tcp.conns
+    assert not any(t.flags & RST for t, _ in g.frames())
+    peer.close()
+
+
+def test_inbound_accept_handshake_and_data(guest):
+    """A host connection on a forwarded port: SYN to the guest, its SYN-ACK
+    establishes, data flows both ways."""
+    g = guest()
+    with socket.socket() as lsn:
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(1)
+        client = socket.create_connection(lsn.getsockname(), timeout=2)
+        sock, (_, peer_port) = lsn.accept()
+    g.tcp.accept(sock, socket.inet_aton("127.0.0.1"), peer_port, 8080, False)
+    (syn, _), = g.frames()
+    assert syn.flags == SYN and syn.dport == 8080 and syn.options.mss
+    g.send(syn.sport, ISN, syn.seq + 1, SYN | ACK, sport=8080,
+           options=TcpOptions(mss=1460, wscale=7))
+    (ack, _), = g.frames()
+    assert ack.flags & ACK and ack.ack == ISN + 1
+    client.sendall(b"from host")
+    got = g.until(lambda f: sum(len(p) for _, p in f) >= 9)
+    assert b"".join(p for _, p in got) == b"from host"
+    g.send(syn.sport, ISN + 1, syn.seq + 10, ACK | PSH, b"from guest", sport=8080)
+    assert client.recv(100) == b"from guest"
+    client.close()
+
+
+def test_inbound_handshake_times_out(guest, monkeypatch):
+    from common.tcp import handler
+    monkeypatch.setattr(handler, "HANDSHAKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(handler, "RTO_INBOUND_SYN", 0.1)
+    g = guest()
+    with socket.socket() as lsn:
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(1)
+        client = socket.create_connection(lsn.getsockname(), timeout=2)
+        sock, (_, peer_port) = lsn.accept()
+    g.tcp.accept(sock, socket.inet_aton("127.0.0.1"), peer_port, 8080, False)
+    got = g.until(lambda f: not g.tcp.conns, what="the handshake timeout")  # no answer
+    syns = [t for t, _ in got if t.flags & SYN]
+    assert len(syns) >= 2 and len({t.seq for t in syns}) == 1  # ours, resent
+    assert not g.tcp.conns and g.tcp.counters["handshake_timeout"] == 1
+    with pytest.raises(ConnectionResetError):
+        client.recv(10)
+    client.close()

@@ -15,6 +15,7 @@ from ipaddress import IPv6Address
 import pytest
 
 from common.dataplane import DataPlane
+from common.flow import FlowTable, frame_key4
 from common.guest import GuestState
 from common.listeners import host_socket
 from common.loop import Loop
@@ -183,15 +184,16 @@ def test_flow_limit_and_idle_expiry():
     conf = make_conf()
     loop = Loop()
     tap = FakeTap()
-    udp = UdpHandler(conf, loop, tap, GuestState(conf, GUEST_MAC), max_flows=2, idle=0.15,
-                     idle_replied=0.4, expire_scan=0.02)
+    udp = UdpHandler(conf, loop, tap, GuestState(conf, GUEST_MAC),
+                     flows=FlowTable(loop, limit=2), idle=0.15, idle_replied=0.4)
+    udp.expiry.grid = 0.01
     srv = server(False)
     port = srv.getsockname()[1]
     try:
         for gport in (40011, 40012, 40013):
             f = udp4_frame(OUR_MAC, GUEST_MAC, P_HOST4, P_GW4, gport, port, b"x")
-            udp.on_frame4(memoryview(f), 14, 34, len(f))
-        assert len(udp.flows) == 2 and udp.table.evicted == 1
+            udp.on_frame4(memoryview(f), 14, 34, len(f), frame_key4(memoryview(f), 14, 34))
+        assert len(udp.flows) == 2 and udp.stats()["evicted"] == 1
         socks = [f.sock for f in udp.flows.values()]
         # one of them gets an answer: it lives longer
         _, peer = srv.recvfrom(10)
@@ -202,7 +204,7 @@ def test_flow_limit_and_idle_expiry():
         assert len(udp.flows) == 1 and next(iter(udp.flows.values())).replied
         spin(loop, 0.4)
         assert not udp.flows and all(s.fileno() == -1 for s in socks)
-        assert udp.table.expired == 2
+        assert udp.stats()["expired"] == 2
     finally:
         udp.close_all()
         loop.close()

@@ -118,8 +118,7 @@ def test_forwarded_port_loopback_clients_take_the_splice(loop):
 
 def test_idle_splice_flows_expire(loop):
     sp = UdpSplicer(loop, plain_sockets, idle=0.05, idle_replied=0.05)
-    sp._timer.cancel()                                  # noqa: SLF001
-    sp._timer = loop.call_every(0.02, sp._expire)       # noqa: SLF001
+    sp.expiry.grid = 0.01
     srv = echo_server(socket.AF_INET)
     sock = bind_udp(host_socket, socket.AF_INET, "127.0.0.1", 0, None)
     lst = sp.ns_listener(sock, srv.getsockname()[1])

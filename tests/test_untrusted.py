@@ -89,7 +89,7 @@ def test_dhcpv6_reply_fits_the_mtu(frame):
 # ---------------------------------------------------------------- handler errors
 
 
-def _boom(frame, l3, l4, end) -> None:
+def _boom(frame, l3, l4, end, key) -> None:
     raise RuntimeError("a handler's bug")
 
 
@@ -284,7 +284,7 @@ def test_descriptor_budget():
 def test_flows_take_descriptors_from_the_budget_and_give_them_back(server):
     """A full budget refuses new flows of every kind (counted); closing gives it back."""
     g = Guest(False)
-    fds = g.tcp.fds
+    fds = g.tcp.table.fds
     try:
         port = server.getsockname()[1]
         before = fds.used
@@ -332,7 +332,8 @@ def test_listener_out_of_descriptors_backs_off_and_recovers(caplog):
         calls += 1
         readable(events)
 
-    loop.set_handler(ls.fileno(), counting)
+    loop.remove(ls.fileno())
+    loop.add(ls.fileno(), IN, counting)
     listener._readable = counting                        # what the back-off re-registers
     client = subprocess.Popen([sys.executable, "-c", HOLD, str(ls.getsockname()[1])],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

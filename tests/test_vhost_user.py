@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from common.tap import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
+from common.tap import GSO_TCP4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from passt.vhost.protocol import ADDR, MEM_HEADER, REGION, STATE, U64, VERSION, F, Req
 from passt.vhost.session import VhostUserSession
 from tests.support import GW4, make_conf, wait_until
@@ -314,7 +314,7 @@ def test_partial_checksum_and_gso_go_into_the_header(server: Server, guest: Gues
     frame = bytearray(16 + 14 + 20 + 20 + 30000)
     frame[16 + 14] = 0x45
     frame[16 + 14 + 20 + 12] = 5 << 4                       # TCP header of 20 bytes
-    server.call(lambda: tap.send(frame, 16, len(frame), 34, 16, VIRTIO_NET_HDR_GSO_TCPV4,
+    server.call(lambda: tap.send(frame, 16, len(frame), 34, 16, GSO_TCP4,
                                  1460))
     (hdr, data), = frames_in(guest)
     assert data == frame[16:]

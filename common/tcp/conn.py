@@ -1,8 +1,13 @@
 """One TCP connection between the guest and a host socket: its state and sequence space.
 
-Rules of this module (after h11's): everything that changes a connection's
-state is in this file or in `handler`'s methods named `_on_*`; nothing here
-knows the mode (pasta or passt) or the tap backend.
+Rules of this module (after h11's): a connection's state is two fields,
+`events` (its lifecycle: what happened, in order, never undone) and `flags`
+(transient conditions, set and cleared as they come and go), and each
+changes only through one method of the handler, `_event` and `_flag`, which
+keep the socket's epoll interest and the connection's timer in step and log
+every change at --trace.  The tables below list every event and every flag;
+the handler follows them.  Nothing here knows the mode (pasta or passt) or
+the tap backend; the decisions themselves are pure functions in `decide`.
 
 Theory of operation
 -------------------
@@ -18,7 +23,9 @@ ACK so the guest retransmits.  The window we advertise is the free space of
 the socket's send buffer, zero while it is full; when it drains (EPOLLOUT)
 we send a window update, followed by duplicate ACKs if we had to drop data
 the guest had already sent, so it retransmits at once instead of waiting for
-its timer.
+its timer.  A small segment's ACK waits a moment (DELAYED_ACK) for an answer
+to carry it; any other waits only for the end of the batch of guest frames,
+so a burst of segments costs one ACK.
 
 Host -> guest.  Our own sequence space starts at an RFC 6528 ISN.  Socket
 data is read with MSG_PEEK: with SO_PEEK_OFF set, each peek continues where
@@ -33,95 +40,131 @@ each partial ACK until everything sent before the loss is acknowledged
 (NewReno, RFC 6582, without SACK).  On a retransmission timeout we rewind:
 peek offset back to 0, `snd_nxt` back to `snd_una`, and send again; an ACK
 beyond the rewound `snd_nxt` (up to `snd_max`, the highest ever sent) moves
-it forward without resending what the guest already has.
+it forward without resending what the guest already has.  Our FIN is one
+sequence number after the data (`fin_seq`): it is resent like data, after a
+rewind once the data before it went out again.
 
 Opening.  Guest SYN: a non-blocking connect() to the (mapped) destination;
 when it completes we answer SYN-ACK with our MSS (from the MTU) and a window
 scale, and the connection is established once the guest ACKs it; a failed
 connect() answers RST.  Host connection (port forwarding): we send SYN to the
 guest; its SYN-ACK establishes the connection, a RST closes the host socket
-abortively.
+abortively.  Either way the handshake must end within HANDSHAKE_TIMEOUT.
 
 Closing.  A FIN from the guest, once every byte before it reached the
 socket, becomes shutdown(SHUT_WR) and is acknowledged.  End of file on the
-socket, once every byte before it was sent, becomes our FIN (one sequence
-number).  When both FINs are acknowledged, or either side resets, the socket
-is closed and the connection forgotten.  RST from the guest closes the socket
-with SO_LINGER 0, so the far end sees a reset; a reset or error on the socket
-becomes RST to the guest.
+socket, once every byte before it was sent, becomes our FIN.  When both FINs
+are acknowledged, whichever came first (both at once is a simultaneous
+close, nothing special), or either side resets, the socket is closed and the
+connection forgotten.  RST from the guest closes the socket with SO_LINGER
+0, so the far end sees a reset; a reset or error on the socket becomes RST
+to the guest; so does a connection idle for IDLE_TIMEOUT.
 
-State flags
------------
-The half-closes are independent, so the state is a set of flags rather than
-one enum.  Transitions (event -> flags set):
+Timers.  One wake-up per connection in the flow table (`common.flow`),
+asked for the earliest of: the handshake deadline, the retransmission
+timeout (`rto_at`), the next look at a full socket (`wnd_poll_at`) and, to
+the second, the idle deadline.  An established connection with nothing in
+flight asks only for the idle deadline, two hours away.
 
-    guest SYN (outbound)              -> CONNECTING
-    connect() done                    -> SYNACK_SENT        (SYN-ACK to guest)
-    guest ACK of SYN-ACK              -> ESTABLISHED
-    accept() (inbound)                -> SYN_SENT           (SYN to guest)
-    guest SYN-ACK                     -> ESTABLISHED        (ACK to guest)
-    guest FIN, all data written       -> GUEST_FIN          (shutdown(SHUT_WR), ACK)
-    socket EOF, all data sent         -> FIN_SENT           (FIN to guest)
-    guest ACK of our FIN              -> FIN_ACKED
-    GUEST_FIN and FIN_ACKED           -> closed
-    RST either way, timeout, error    -> closed
+Events (`events`): the lifecycle, in the order it happens
+---------------------------------------------------------
+The opening events replace one another; the closing ones accumulate on top
+of ESTABLISHED; CLOSED replaces everything.
+
+    event        when                                        then
+    GUEST_SYN    a guest SYN for a new flow (outbound)       connect(); handshake deadline
+    SYNACK_SENT  our connect() completed                     SYN-ACK to the guest; RTO
+    SYN_SENT     accept() on a forwarded port (inbound)      SYN to the guest; RTO, deadline
+    ESTABLISHED  the guest's ACK of our SYN-ACK, or its       deadline and RTO off; data flows
+                 SYN-ACK to our SYN
+    GUEST_FIN    guest FIN, every byte before it written      shutdown(SHUT_WR), ACK
+    PEER_FIN     EPOLLRDHUP: the far end's FIN is queued      peek on to the end of the stream
+    SOCK_EOF     a peek reached the end of the stream         fin_seq fixed: FIN after the data
+    FIN_SENT     our FIN went to the guest                    the RTO covers it
+    FIN_ACKED    the guest acknowledged our FIN
+    CLOSED       GUEST_FIN and FIN_ACKED; RST either way;     socket closed (with a reset but
+                 a timeout; a socket error                    after both FINs), flow forgotten
+
+Flags (`flags`): transient conditions
+-------------------------------------
+    flag         set when                                   cleared when
+    ACK_QUEUED   guest data or FIN wants our ACK            the batch of frames ends (flush)
+    ACK_DELAYED  a small segment wants our ACK              DELAYED_ACK later (if still due)
+    WND_CLOSED   we advertised a window while the socket    it drains: EPOLLOUT or a look at
+                 was full (EPOLLOUT re-armed, timer armed)  the socket finds room; update sent
+    DROPPED      the socket took less than the guest sent   with WND_CLOSED's window update
+                                                            (three duplicate ACKs follow it)
+    SOCK_FULL    a measurement: the kernel counts the send  the next measurement finds room
+                 buffer full (only then comes EPOLLOUT)
+    RECOVERING   the third duplicate ACK (fast retransmit)  everything sent before it is
+                                                            acknowledged, or a rewind
+    DRAINED      a peek found nothing more to send          a socket event (data or its end),
+                                                            or a rewind
 """
 
 from __future__ import annotations
 
 import socket
-import time
 
+from common.flow import TCP, TapFlow
 from common.flowheader import FlowHeader
 
 M32 = 0xFFFFFFFF
 
-# state flags
-CONNECTING = 0x001      # guest sent SYN, our connect() is in progress
-SYNACK_SENT = 0x002     # we answered the guest's SYN, waiting for its ACK
-SYN_SENT = 0x004        # host connection accepted, we sent SYN to the guest
+# events
+GUEST_SYN = 0x001      # guest sent SYN, our connect() is in progress
+SYNACK_SENT = 0x002    # we answered the guest's SYN, waiting for its ACK
+SYN_SENT = 0x004       # host connection accepted, we sent SYN to the guest
 ESTABLISHED = 0x008
-GUEST_FIN = 0x010       # guest's FIN passed on to the socket (shutdown SHUT_WR)
-SOCK_EOF = 0x020        # the socket reached end of file
-FIN_SENT = 0x040        # we sent FIN to the guest
-FIN_ACKED = 0x080       # the guest acknowledged our FIN
-WND_CLOSED = 0x100      # we advertised a window smaller than one segment: update when it opens
-DROPPED = 0x200         # we dropped in-window data the socket could not take
-CLOSED = 0x400
-ACK_QUEUED = 0x800      # an ACK is due at the end of this batch of guest frames
-ACK_DELAYED = 0x2000    # an ACK is due in a moment, unless data carries it first
-RECOVERING = 0x1000     # fast retransmit done, until everything sent before it is acknowledged
-DRAINED = 0x4000        # the last peek found nothing more: wait for the socket to say otherwise
-PEER_FIN = 0x8000       # the far end closed (EPOLLRDHUP): its FIN is queued after the data
-SOCK_FULL = 0x10000     # the kernel counts the socket's send buffer as full (not writable)
+GUEST_FIN = 0x010      # guest's FIN passed on to the socket (shutdown SHUT_WR)
+PEER_FIN = 0x020       # the far end closed (EPOLLRDHUP): its FIN is queued after the data
+SOCK_EOF = 0x040       # a peek reached the end of the stream
+FIN_SENT = 0x080       # we sent FIN to the guest
+FIN_ACKED = 0x100      # the guest acknowledged our FIN
+CLOSED = 0x200
 
-OPENING = CONNECTING | SYNACK_SENT | SYN_SENT
+OPENING = GUEST_SYN | SYNACK_SENT | SYN_SENT
+PHASES = OPENING | ESTABLISHED          # setting one of these replaces the others
+
+# flags
+ACK_QUEUED = 0x01      # an ACK is due at the end of this batch of guest frames
+ACK_DELAYED = 0x02     # an ACK is due in a moment, unless data carries it first
+WND_CLOSED = 0x04      # we advertised a window while the socket was full: update when it drains
+DROPPED = 0x08         # we dropped in-window data the socket could not take
+SOCK_FULL = 0x10       # the kernel counts the socket's send buffer as full (not writable)
+RECOVERING = 0x20      # fast retransmit done, until everything sent before it is acknowledged
+DRAINED = 0x40         # the last peek found nothing more: wait for the socket to say otherwise
+
+EVENT_NAMES = {GUEST_SYN: "GUEST_SYN", SYNACK_SENT: "SYNACK_SENT", SYN_SENT: "SYN_SENT",
+               ESTABLISHED: "ESTABLISHED", GUEST_FIN: "GUEST_FIN", PEER_FIN: "PEER_FIN",
+               SOCK_EOF: "SOCK_EOF", FIN_SENT: "FIN_SENT", FIN_ACKED: "FIN_ACKED",
+               CLOSED: "CLOSED"}
+FLAG_NAMES = {ACK_QUEUED: "ACK_QUEUED", ACK_DELAYED: "ACK_DELAYED", WND_CLOSED: "WND_CLOSED",
+              DROPPED: "DROPPED", SOCK_FULL: "SOCK_FULL", RECOVERING: "RECOVERING",
+              DRAINED: "DRAINED"}
 
 
-def seq_after(a: int, b: int) -> bool:
-    """a > b in 32-bit sequence space."""
-    return 0 < ((a - b) & M32) < 0x80000000
+def names(bits: int, table: dict[int, str]) -> str:
+    return "|".join(n for b, n in table.items() if bits & b) or "-"
 
 
-class TcpConn:
+class TcpConn(TapFlow):
     __slots__ = (
-        "key", "sock", "fd", "flow", "state", "inbound",
+        "sock", "fd", "events", "flags",
         "rcv_nxt", "rcv_wnd", "ack_sent",
         "snd_una", "snd_nxt", "snd_max", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
-        "recover",
-        "dup_acks", "last_ack", "rto", "rto_at", "retries",
-        "deadline", "last_activity", "sock_event", "opened",
-        "host", "host_port", "fid", "verdict", "dns", "ends",
-        "bytes_up", "bytes_down", "frames_up", "frames_down",
+        "recover", "dup_acks", "rto", "rto_at", "retries", "deadline",
+        "wnd_poll", "wnd_poll_at", "dns",
     )
 
-    def __init__(self, key: bytes, sock: socket.socket, flow: FlowHeader, inbound: bool) -> None:
-        self.key = key
+    def __init__(self, key: bytes, sock: socket.socket, hdr: FlowHeader, inbound: bool,
+                 now: float, host: tuple[bytes, int]) -> None:
+        super().__init__(TCP, key, hdr.v6, inbound, now, host)
+        self.hdr = hdr            # frames to the guest: from the remote as it knows it
         self.sock = sock
         self.fd = sock.fileno()
-        self.flow = flow
-        self.inbound = inbound
-        self.state = 0
+        self.events = 0
+        self.flags = 0
         self.rcv_nxt = 0          # next sequence number expected from the guest
         self.rcv_wnd = 0          # free space in the socket's send buffer, as last estimated
         self.ack_sent = 0         # the rcv_nxt the guest last heard from us
@@ -130,33 +173,19 @@ class TcpConn:
         self.snd_max = 0          # highest sequence number sent so far, plus one
         self.recover = 0          # snd_max when fast recovery started
         self.snd_wnd = 0          # the guest's window, bytes (already scaled)
-        self.guest_wscale = 0
+        self.guest_wscale = 0     # -1: the guest does not scale
         self.guest_mss = 536
-        self.fin_seq = 0          # sequence number of our FIN, once sent
+        self.fin_seq = 0          # sequence number of our FIN, once SOCK_EOF
         self.dup_acks = 0
-        self.last_ack = 0
         self.rto = 0.0
-        self.rto_at = 0.0         # retransmission deadline, 0: none armed
+        self.rto_at = 0.0         # retransmission (or persist) deadline, 0: none
         self.retries = 0
-        self.deadline = 0.0       # handshake/close deadline, 0: none
-        self.last_activity = 0.0
-        self.sock_event = None    # the loop callback for our socket
-        self.opened = time.monotonic()   # for `pesto --flows`
-        self.host = b""           # the far end as the host sees it (packed), and its port
-        self.host_port = 0
-        self.fid = 0              # the flow log's id, and the policy's verdict (common.gate)
-        self.verdict = None
+        self.deadline = 0.0       # handshake deadline, 0: none
+        self.wnd_poll = 0.0       # next look at a full socket: in this long, at that time
+        self.wnd_poll_at = 0.0
         self.dns = None           # a DnsStream when it carries DNS answers to learn from
-        self.ends = None          # (path, guest, host) as the flow log writes them, once made
-        self.bytes_up = 0         # from the guest, taken by the socket
-        self.bytes_down = 0       # to the guest, acknowledged by it
-        self.frames_up = 0        # segments of this connection from the guest
-        self.frames_down = 0      # segments we sent it (data, ACKs, FINs)
-
-    def in_flight(self) -> int:
-        """Bytes (and FIN) sent to the guest and not yet acknowledged."""
-        return (self.snd_nxt - self.snd_una) & M32
 
     def __repr__(self) -> str:
-        f = self.flow
-        return f"<TcpConn {f.dst.hex()}:{f.dport} <-> {f.src.hex()}:{f.sport} {self.state:#x}>"
+        h = self.hdr
+        return (f"<TcpConn {h.dst.hex()}:{h.dport} <-> {h.src.hex()}:{h.sport} "
+                f"{names(self.events, EVENT_NAMES)} {names(self.flags, FLAG_NAMES)}>")

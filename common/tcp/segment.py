@@ -11,12 +11,16 @@ is copied in Python.  Control segments (SYN, SYN-ACK with options, bare
 ACK, FIN, RST) use their own small buffers, so an ACK built in the middle of
 a burst never overwrites peeked data.
 
+One method writes every segment, `write`, with keyword-only arguments: a
+sequence number passed as an acknowledgement cannot go unnoticed.
+
 Checksums: when the tap takes partial checksums (pasta's virtio-net header),
 the TCP checksum field carries the folded pseudo-header sum and the tap is
 told where the checksum starts; otherwise (passt) the full checksum is
 computed here.  Payloads larger than the guest's MSS go out as one GSO frame
-when the tap can segment (pasta), which is what makes a 1500-byte MTU cost
-about as much as a 65520-byte one.
+when the tap can segment (pasta, vhost-user), which is what makes a 1500-byte
+MTU cost about as much as a 65520-byte one; the tap is told the abstract kind
+(`common.tap.GSO_TCP4/6`) and speaks its own header.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import struct
 from common.flowheader import FlowHeader, fold
 from common.packet.checksum import csum_add, csum_finish
 from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, frame_buffer
-from common.tap import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, TapBackend
+from common.tap import GSO_TCP4, GSO_TCP6, TapBackend
 
 ETH_LEN = 14
 TCP_LEN = 20
@@ -37,6 +41,7 @@ PAYLOAD_MAX6 = MAX_IP_PACKET - TCP_LEN        # IPv6 payload length excludes its
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
+_CSUM = struct.Struct("!H")
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -62,55 +67,45 @@ class SegmentWriter:
         self.payload6 = memoryview(self.data6)[self.payload_off6:]
         self.frames = 0
 
-    def send(self, flow: FlowHeader, seq: int, ack: int, flags: int, window: int,
-             payload_len: int, mss: int) -> bool:
-        """Send a data segment whose payload is already in payload4/payload6."""
-        if flow.v6:
-            buf, l4 = self.data6, self.l4_6
+    def write(self, hdr: FlowHeader, *, seq: int, ack: int, flags: int, window: int,
+              payload: int = 0, mss: int = 0, options: bytes = b"") -> bool:
+        """Send one segment to the guest: `payload` bytes already peeked into
+        `payload4`/`payload6` (a data segment, cut into `mss` pieces by the tap where it
+        can), or none (a control segment, with TCP `options` if any); `window` is the
+        header's 16-bit field, already scaled.  False when the tap dropped it."""
+        v6 = hdr.v6
+        if payload:
+            buf, l4 = (self.data6, self.l4_6) if v6 else (self.data4, self.l4_4)
         else:
-            buf, l4 = self.data4, self.l4_4
-        return self._finish(buf, l4, flow, seq, ack, flags, window, b"", payload_len, mss)
-
-    def send_ctrl(self, flow: FlowHeader, seq: int, ack: int, flags: int, window: int,
-                  options: bytes = b"") -> bool:
-        """Send a segment without payload (SYN, ACK, FIN, RST), with optional TCP options."""
-        if flow.v6:
-            buf, l4 = self.ctrl6, self.l4_6
-        else:
-            buf, l4 = self.ctrl4, self.l4_4
-        return self._finish(buf, l4, flow, seq, ack, flags, window, options, 0, 0)
-
-    def _finish(self, buf: bytearray, l4: int, flow: FlowHeader, seq: int, ack: int,
-                flags: int, window: int, options: bytes, payload_len: int, mss: int) -> bool:
+            buf, l4 = (self.ctrl6, self.l4_6) if v6 else (self.ctrl4, self.l4_4)
         eth = self.eth
         buf[eth:eth + 6] = self.guest.mac
-        tcp_len = TCP_LEN + len(options) + payload_len
-        if options:
+        olen = len(options)
+        tcp_len = TCP_LEN + olen + payload
+        if olen:
             # options sit where a data segment's payload would start: only control buffers
-            buf[l4 + TCP_LEN:l4 + TCP_LEN + len(options)] = options
+            buf[l4 + TCP_LEN:l4 + TCP_LEN + olen] = options
         l3 = self.l3
-        if flow.v6:
-            _IP6.pack_into(buf, l3, 0x60000000, tcp_len, 6, 64, flow.src, flow.dst)
-            gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+        if v6:
+            _IP6.pack_into(buf, l3, 0x60000000, tcp_len, 6, 64, hdr.src, hdr.dst)
         else:
             total = 20 + tcp_len
-            ip_csum = fold(flow.ip_sum + total) ^ 0xFFFF
-            _IP4.pack_into(buf, l3, 0x45, 0, total, 0, 0x4000, 64, 6, ip_csum, flow.src, flow.dst)
-            gso_type = VIRTIO_NET_HDR_GSO_TCPV4
-        pseudo = fold(flow.pseudo_sum + tcp_len)
+            ip_csum = fold(hdr.ip_sum + total) ^ 0xFFFF
+            _IP4.pack_into(buf, l3, 0x45, 0, total, 0, 0x4000, 64, 6, ip_csum, hdr.src, hdr.dst)
+        pseudo = fold(hdr.pseudo_sum + tcp_len)
         end = l4 + tcp_len
-        doff = (TCP_LEN + len(options)) << 2
+        doff = (TCP_LEN + olen) << 2
         if self.offload:
-            _TCP.pack_into(buf, l4, flow.sport, flow.dport, seq, ack, doff, flags, window,
+            _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window,
                            pseudo, 0)
-            if payload_len > mss and self.can_gso:
-                ok = self.tap.send(buf, eth, end, l4 - eth, 16, gso_type, mss)
+            if payload > mss and self.can_gso:
+                ok = self.tap.send(buf, eth, end, l4 - eth, 16, GSO_TCP6 if v6 else GSO_TCP4,
+                                   mss)
             else:
                 ok = self.tap.send(buf, eth, end, l4 - eth, 16)
         else:
-            _TCP.pack_into(buf, l4, flow.sport, flow.dport, seq, ack, doff, flags, window, 0, 0)
-            csum = csum_finish(csum_add(memoryview(buf)[l4:end], pseudo))
-            struct.pack_into("!H", buf, l4 + 16, csum)
+            _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window, 0, 0)
+            _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(memoryview(buf)[l4:end], pseudo)))
             ok = self.tap.send(buf, eth, end)
         self.frames += 1
         return ok

@@ -1,6 +1,5 @@
 """UDP translation between the guest and host sockets (see `handler` for the design).
 
-- `flow`: the datagram flow table (limit, idle expiry), shared with ICMP echo;
 - `frame`: datagram frames to the guest in preallocated buffers (UDP, ICMP);
 - `icmperr`: ICMP errors from the host's error queue, rebuilt for the guest;
 - `handler`: `UdpHandler` and the sockets of forwarded ports (`udp_listener`).

@@ -40,9 +40,10 @@ queue says what happened to which datagram; `icmperr` rebuilds it as an
 ICMP/ICMPv6 error about the guest's own datagram, so the guest's socket gets
 ECONNREFUSED just as on a real link.
 
-Lifetime.  Flows expire when idle (`flow.FlowTable`: 30 s, 180 s once
-traffic went both ways); at most `max_flows` exist, and a flood of new flows
-evicts the oldest one-way flows first.
+Lifetime.  Flows live in the flow table (`common.flow`) with every other
+flow: they expire when idle (30 s, 180 s once traffic went both ways), and
+when the table or the descriptor budget is full a new flow evicts the oldest
+one-way datagram flow first.
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
-from common import budget
 from common import log as plog
-from common.budget import FdBudget
 from common.conf import Config
+from common.flow import UDP, DatagramExpiry, FlowTable, TapFlow
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.flowinfo import datagram_record
 from common.gate import Gate
@@ -71,7 +71,6 @@ from common.packet.frames import build_ipv4_frame, build_ipv6_frame
 from common.ratelimit import RateLimited
 from common.refuse import prohibited4, prohibited6
 from common.tap import TapBackend
-from common.udp.flow import Flow, FlowTable
 from common.udp.frame import DatagramWriter
 from common.udp.icmperr import IP_RECVERR, IPV6_RECVERR, error_for_guest, parse_sock_error
 
@@ -80,8 +79,7 @@ _limited = RateLimited(log)      # auto-forwarding follows what the namespace bi
 
 IDLE_TIMEOUT = 30.0            # a flow that only ever went one way
 IDLE_TIMEOUT_REPLIED = 180.0   # a flow that has seen traffic both ways
-MAX_FLOWS = 8192
-EXPIRE_SCAN = 5.0              # seconds between expiry scans
+MAX_FLOWS = 8192               # UDP flows at most (the table's quota for them)
 DRAIN_MAX = 128                # datagrams per socket event; level-triggered, so fair
 ERRQUEUE_MAX = 16              # error-queue entries handled per event
 ERRQUEUE_BUF = 1500            # quoted payload read from the error queue (we quote less)
@@ -95,24 +93,24 @@ _PENDING_ICMP = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNR
                            errno.EPROTO, errno.EMSGSIZE, errno.ETIMEDOUT))
 _PORTS = struct.Struct("!HH")
 SOL_IP, SOL_IPV6 = 0, 41
+UDP_INDEX = PROTO_UDP
 
 
-class UdpFlow(Flow):
+class UdpFlow(TapFlow):
     """One conversation.  Outbound flows own a connected socket (`peer` None);
     inbound flows (from a forwarded port) send through the listener's socket
     to `peer`."""
-    __slots__ = ("hdr", "sock", "fd", "peer", "listener", "host", "dns")
+    __slots__ = ("sock", "fd", "peer", "listener", "dns")
 
     def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
-                 host: bytes, peer: tuple | None = None,
+                 host: tuple[bytes, int], peer: tuple | None = None,
                  listener: UdpListener | None = None) -> None:
-        super().__init__(key, now)
+        super().__init__(UDP, key, hdr.v6, listener is not None, now, host)
         self.hdr = hdr             # frames to the guest: from the remote as it knows it
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer           # inbound: the host-side sockaddr replies go to
         self.listener = listener
-        self.host = host           # packed host-side address of the far end
         self.dns = False           # its answers are read for --allow-dns-name
 
     def __repr__(self) -> str:
@@ -153,21 +151,23 @@ def drain_errors(sock: socket.socket) -> None:
 
 class UdpHandler:
     def __init__(self, conf: Config, loop: Loop, tap: TapBackend, guest: GuestState,
-                 addrmap: AddressMap | None = None, *, max_flows: int = MAX_FLOWS,
+                 addrmap: AddressMap | None = None, *, flows: FlowTable | None = None,
                  idle: float = IDLE_TIMEOUT, idle_replied: float = IDLE_TIMEOUT_REPLIED,
-                 expire_scan: float = EXPIRE_SCAN, fds: FdBudget | None = None,
                  gate: Gate | None = None) -> None:
+        """`flows`: the flow table (the data plane's), else one of its own."""
         self.conf = conf
-        self.fds = fds or budget.shared()        # outbound flows: one descriptor each
         self.loop = loop
         self.tap = tap
         self.guest = guest
-        self.gate = gate or Gate()
+        self.gate = gate or (flows.gate if flows is not None else None) or Gate()
         self.map = addrmap or AddressMap(conf)
         self.writer = DatagramWriter(tap, conf.our_mac, guest)
-        self.table: FlowTable[UdpFlow] = FlowTable(limit=max_flows, idle=idle,
-                                                   idle_replied=idle_replied,
-                                                   on_close=self._release)
+        self.table = flows if flows is not None else FlowTable(loop, gate=self.gate)
+        self.expiry = DatagramExpiry(self.table, idle, idle_replied)
+        self.table.serve(UDP, release=self._release, timer=self.expiry,
+                         record=datagram_record, quota=MAX_FLOWS)
+        # flows by key (outbound: one descriptor each; inbound: the listener's socket)
+        self.flows: dict[bytes, UdpFlow] = self.table.index[UDP_INDEX]
         self.counters: Counter[str] = Counter()
         self.max4 = conf.mtu - 28          # largest payload the guest's link carries
         self.max6 = conf.mtu - 48
@@ -175,16 +175,11 @@ class UdpHandler:
         # forwarded flows by (far end, ports) only: a guest with several addresses may
         # answer from another one of its own (an unbound server picks its source)
         self._inbound_replies: dict[bytes, UdpFlow] = {}
-        self._timer = loop.call_every(expire_scan, self._expire)
         self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
-
-    @property
-    def flows(self) -> dict:
-        return self.table.flows
 
     # ================================================================ guest side
 
-    def on_frame4(self, frame: memoryview, l3: int, l4: int, end: int) -> None:
+    def on_frame4(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
         if end - l4 < 8:
             self.counters["runt"] += 1
             return
@@ -192,18 +187,14 @@ class UdpHandler:
         if ulen < 8 or l4 + ulen > end:
             self.counters["malformed"] += 1
             return
-        if l4 == l3 + 20:
-            key = bytes(frame[l3 + 12:l3 + 24])
-        else:
-            key = bytes(frame[l3 + 12:l3 + 20]) + bytes(frame[l4:l4 + 4])
-        flow = self.table.flows.get(key)
+        flow = self.flows.get(key)
         if flow is None:
             flow = self._open(False, key, frame, l3 + 12, l3 + 16, l4, l3, end)
             if flow is None:
                 return
         self._to_host(flow, frame[l4 + 8:l4 + ulen])
 
-    def on_frame6(self, frame: memoryview, l3: int, l4: int, end: int) -> None:
+    def on_frame6(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
         if end - l4 < 8:
             self.counters["runt"] += 1
             return
@@ -211,11 +202,7 @@ class UdpHandler:
         if ulen < 8 or l4 + ulen > end:
             self.counters["malformed"] += 1
             return
-        if l4 == l3 + 40:
-            key = bytes(frame[l3 + 8:l3 + 44])
-        else:
-            key = bytes(frame[l3 + 8:l3 + 40]) + bytes(frame[l4:l4 + 4])
-        flow = self.table.flows.get(key)
+        flow = self.flows.get(key)
         if flow is None:
             flow = self._open(True, key, frame, l3 + 8, l3 + 24, l4, l3, end)
             if flow is None:
@@ -279,14 +266,15 @@ class UdpHandler:
             if self.gate.reset:
                 self._prohibited(v6, frame[l3:end])
             return None
-        if not self.table.room() or not self.fds.take(by_guest=True):
+        table = self.table
+        if not table.reserve(UDP, 1, by_guest=True):
             self.counters["limit"] += 1
             return None
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
         try:
             sock = self._socket(v6, gport)
         except OSError as exc:
-            self.fds.give()
+            table.unreserve(1)
             self.counters["socket_fail"] += 1
             log.debug("udp: no socket for a new flow: %s", exc)
             return None
@@ -297,14 +285,14 @@ class UdpHandler:
             if plog.TRACE_ON:
                 log.log(plog.TRACE, "udp: connect to port %d: %s", host_port, exc)
             sock.close()
-            self.fds.give()
+            table.unreserve(1)
             return None
         flow = UdpFlow(key, time.monotonic(), FlowHeader(v6, PROTO_UDP, raddr, gaddr, rport, gport),
-                       sock, host_addr)
-        self.table.add(flow)
+                       sock, (host_addr, host_port))
+        table.add(flow, 1, verdict)
+        self.expiry.start(flow)
         self.loop.add(flow.fd, IN, partial(self._sock_event, flow))
         self.counters["opened"] += 1
-        self.gate.opened(flow, verdict, datagram_record)
         flow.dns = self.gate.watch_dns(PROTO_UDP, raddr, rport)
         _observe(self.guest, v6, gaddr)
         if plog.TRACE_ON:
@@ -440,7 +428,7 @@ class UdpHandler:
         peer = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr[0])
         src = self.map.to_guest_source(v6, peer)
         key = guest + src + _PORTS.pack(listener.to_port, addr[1])
-        existing = self.table.get(key)
+        existing = self.flows.get(key)
         if existing is not None:
             # the guest already talks to this very address and port: same frames
             self.counters["collision"] += 1
@@ -449,16 +437,16 @@ class UdpHandler:
         if not verdict.allow:
             self.counters["denied"] += 1       # no ICMP: ours would come from no socket
             return None
-        if not self.table.room():
+        if not self.table.reserve(UDP, 0, by_guest=False):
             self.counters["limit"] += 1
             return None
         flow = UdpFlow(key, now, FlowHeader(v6, PROTO_UDP, src, guest, addr[1], listener.to_port),
-                       listener.sock, peer, peer=addr, listener=listener)
-        self.table.add(flow)
+                       listener.sock, (peer, addr[1]), peer=addr, listener=listener)
+        self.table.add(flow, 0, verdict)
+        self.expiry.start(flow)
         listener.peers[addr] = flow
         self._inbound_replies[src + _PORTS.pack(listener.to_port, addr[1])] = flow
         self.counters["opened_inbound"] += 1
-        self.gate.opened(flow, verdict, datagram_record)
         if plog.TRACE_ON:
             log.log(plog.TRACE, "udp: new inbound flow %r", flow)
         return flow
@@ -466,8 +454,7 @@ class UdpHandler:
     def drop_listener(self, listener: UdpListener) -> None:
         """A forwarded port closes: forget the flows that came through it."""
         for flow in list(listener.peers.values()):
-            flow.why = "closed"
-            self.table.close(flow)
+            self.table.close(flow, "closed")
         listener.peers = {}
         listener.owner = None
         self._listeners.discard(listener)
@@ -493,7 +480,7 @@ class UdpHandler:
     def _icmp_to_guest(self, flow: UdpFlow, err, payload: bytes) -> None:
         hdr = flow.hdr
         v6 = hdr.v6
-        if err.offender is None or err.offender == flow.host:
+        if err.offender is None or err.offender == flow.host_addr:
             sender = hdr.src
         else:
             sender = self.map.to_guest_source(v6, err.offender)
@@ -517,12 +504,8 @@ class UdpHandler:
 
     # ================================================================ lifetime
 
-    def _expire(self) -> None:
-        self.table.expire(time.monotonic())
-
     def _release(self, flow: UdpFlow) -> None:
-        """FlowTable callback: a flow is gone (expired, evicted or closed)."""
-        self.gate.closed(flow, flow.why, datagram_record)
+        """The flow table's callback: a flow is gone (expired, evicted or closed)."""
         listener = flow.listener
         if listener is not None:
             if listener.peers.get(flow.peer) is flow:
@@ -533,11 +516,9 @@ class UdpHandler:
             return
         self.loop.remove(flow.fd)
         flow.sock.close()
-        self.fds.give()
 
     def close_all(self) -> None:
-        self._timer.cancel()
-        self.table.close_all()
+        self.table.close_kind(UDP)
         self._inbound_replies.clear()
         for listener in list(self._listeners):
             listener.owner = None
@@ -545,9 +526,7 @@ class UdpHandler:
         self._listeners.clear()
 
     def stats(self) -> dict[str, int]:
-        t = self.table
-        return {**self.counters, "flows": len(t), "evicted": t.evicted, "refused": t.refused,
-                "expired": t.expired}
+        return {**self.counters, **self.table.stats(UDP)}
 
 
 def _observe(guest: GuestState, v6: bool, packed: bytes) -> None:

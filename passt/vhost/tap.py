@@ -38,10 +38,16 @@ import logging
 import os
 import struct
 from collections import deque
-from collections.abc import Callable
 
 from common.pcap import Pcap
-from common.tap import FRAME_MAX, HEADROOM, VIRTIO_NET_HDR_F_NEEDS_CSUM, Sink
+from common.tap import (
+    FRAME_MAX,
+    GSO_NONE,
+    HEADROOM,
+    VIRTIO_GSO,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    Sink,
+)
 from passt.vhost.device import RX, TX, VhostUserDevice
 from passt.vhost.protocol import F
 from passt.vhost.virtqueue import Piece, RingError, Virtqueue
@@ -67,7 +73,6 @@ class VhostUserTap:
         self.bad_frames = 0               # TX buffers too short or too long for a frame
         self.gso_in = self.gso_out = 0    # large segments from and to the guest
         self.peak_queued = 0
-        self.on_drain: Callable[[], None] | None = None
         self._rbuf = bytearray(self.hdr_len + FRAME_MAX)
         self._rview = memoryview(self._rbuf)
         self._tx_pieces: list[Piece] = []
@@ -174,15 +179,15 @@ class VhostUserTap:
 
     def send(self, buf: bytearray, start: int, end: int,
              csum_start: int = 0, csum_offset: int = 0,
-             gso_type: int = 0, gso_size: int = 0) -> bool:
+             gso: int = GSO_NONE, gso_size: int = 0) -> bool:
         hdr = start - self.hdr_len
         if self.hdr_len == 12:
             # num_buffers says 1 here; a frame over several buffers gets its count there
             _NUM_BUFFERS.pack_into(buf, start - 2, 1)
-        if gso_type:
+        if gso:
             # header length: up to the end of the TCP header, whose length is in doff
             doff = buf[start + csum_start + 12] >> 4
-            _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type,
+            _HDR.pack_into(buf, hdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_GSO[gso],
                            csum_start + 4 * doff, gso_size, csum_start, csum_offset)
             self.gso_out += 1
         elif csum_start:
@@ -323,8 +328,6 @@ class VhostUserTap:
         if not pending:
             if q.mapped:
                 q.no_kicks()
-            if self.on_drain is not None:
-                self.on_drain()
 
     def _drop_pending(self) -> None:
         self.dropped_out += len(self._pending)
