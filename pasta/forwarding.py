@@ -33,10 +33,15 @@ from common.procnet import ProcNetFile, scan_ports
 from common.tcp.handler import TcpHandler
 from common.udp import UdpHandler, bind_udp, udp_listener
 from pasta.nsthread import NsThread
+from pasta.pool import SocketPool
 from pasta.splice import Splicer, ns_loopback
 from pasta.udp_splice import UdpSplicer
 
 log = logging.getLogger("pasta")
+
+
+POOL_TARGET = 16               # namespace sockets kept ready for spliced connections
+UDP_POOL_TARGET = 8            # and for spliced UDP flows
 
 
 def _make_sockets(family: int, n: int) -> list[socket.socket]:
@@ -75,8 +80,10 @@ class PastaForwarding:
         self.guest = guest
         # without a guest (--splice-only) only the namespace's loopback is there to reach
         ns_dest = ns_loopback if host_lo_to_ns_lo or guest is None else self._ns_address
-        self.splicer = Splicer(loop, lambda family, n: ns.call(_make_sockets, family, n),
-                               ns_dest, gate=gate, flows=self.flows)
+        ns.attach(loop)
+        pool = SocketPool(lambda family, n, done: ns.submit(_make_sockets, family, n,
+                                                            done=done), POOL_TARGET)
+        self.splicer = Splicer(loop, pool, ns_dest, gate=gate, flows=self.flows)
         self.splice_in = splice
         self.files: list[ProcNetFile] = []
         host_families = tuple(f for f, c in ((socket.AF_INET, conf.ip4),
@@ -96,9 +103,12 @@ class PastaForwarding:
             loopback_only=True,
             open_port=tcp_listener(loop, self._ns_socket, self.splicer.accept_host),
             scan=host_tcp, exclude=lambda: self.tcp_in.ports)
+        udp_pool = SocketPool(lambda family, n, done: ns.submit(_make_dgram_sockets, family,
+                                                                n, done=done), UDP_POOL_TARGET)
         self.udp_splicer = UdpSplicer(loop, lambda family, n: ns.call(_make_dgram_sockets,
                                                                       family, n),
-                                      ns_dest=ns_dest, gate=gate, flows=self.flows)
+                                      ns_dest=ns_dest, gate=gate, pool=udp_pool,
+                                      flows=self.flows)
         ns_udp = self._scanner(("udp", "udp6"), in_ns=True)
         host_udp = self._scanner(("udp", "udp6"), in_ns=False)
         self.udp_in = PortForwarder(

@@ -12,8 +12,11 @@ host; with `--host-lo-to-ns-lo`, the namespace's loopback, as before.  The data 
 Python; each wakeup costs a couple of system calls per direction.
 
 Sockets in the namespace are made by the namespace thread.  Making one there
-is a round trip to that thread, so a few are made ahead of time (`_pool`)
-and handed out as connections arrive.
+is a round trip to that thread, so a few are made ahead of time
+(`pasta.pool.SocketPool`) and handed out as connections arrive; the pool is
+refilled asynchronously, and a host client that finds it empty waits in its
+socket (its bytes stay queued there) until a socket arrives: the loop never
+waits for the thread.
 
 Lifecycle of a `SpliceConn`: CONNECTING (our connect() in progress; the
 client's bytes wait in its socket) -> open in both directions -> each
@@ -40,6 +43,7 @@ from common.flow import TCP_SPLICE, Flow, FlowTable
 from common.flowinfo import splice_record
 from common.gate import Gate
 from common.loop import ET, IN, OUT, RDHUP, Loop
+from pasta.pool import SocketPool
 
 log = logging.getLogger("splice")
 
@@ -52,7 +56,6 @@ EVENTS = IN | OUT | RDHUP | ET
 _ERR = 0x008
 _HUP = 0x010
 _LINGER0 = struct.pack("ii", 1, 0)
-POOL_TARGET = 16
 MAX_CONNS = 32768              # spliced connections at most (their quota in the table)
 FDS_PER_CONN = 6               # two sockets, two pipes
 
@@ -106,27 +109,19 @@ def ns_loopback(v6: bool) -> str:
 
 
 class Splicer:
-    def __init__(self, loop: Loop, ns_socket: Callable[[int, int], list[socket.socket]],
-                 ns_dest: NsDest = ns_loopback, *, gate: Gate | None = None,
-                 flows: FlowTable | None = None) -> None:
-        """ns_socket(family, n): n new non-blocking stream sockets inside the namespace;
-        ns_dest(v6): the namespace address host loopback clients reach (None: none now)."""
+    def __init__(self, loop: Loop, pool: SocketPool, ns_dest: NsDest = ns_loopback, *,
+                 gate: Gate | None = None, flows: FlowTable | None = None) -> None:
+        """pool: non-blocking stream sockets inside the namespace; ns_dest(v6): the
+        namespace address host loopback clients reach (None: none now)."""
         self.loop = loop
         self.gate = gate or Gate()
-        self.ns_socket = ns_socket
+        self.pool = pool
         self.ns_dest = ns_dest
         self.table = flows if flows is not None else FlowTable(loop, gate=self.gate)
         self.table.serve(TCP_SPLICE, release=self._release, record=splice_record,
                          quota=MAX_CONNS)
         self.conns: set[SpliceConn] = set()     # connecting or connected
         self.counters: Counter[str] = Counter()
-        self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
-
-    def _ns_sock(self, family: int) -> socket.socket:
-        pool = self._pool[family]
-        if not pool:
-            pool.extend(self.ns_socket(family, POOL_TARGET))
-        return pool.pop()
 
     # ------------------------------------------------------------ entry points
 
@@ -138,10 +133,19 @@ class Splicer:
             self.counters["no_ns_addr"] += 1
             _abort_sock(sock)
             return
-        try:
-            peer = self._ns_sock(family)
-        except OSError as exc:
-            log.debug("splice: no namespace socket: %s", exc)
+        peer = self.pool.take(family)
+        if peer is not None:
+            self._start(sock, peer, (dest, to_port), inbound=True)
+            return
+        self.counters["pool_wait"] += 1
+        if not self.pool.wait(family, partial(self._pooled, sock, dest, to_port)):
+            self._refuse(sock)
+
+    def _pooled(self, sock: socket.socket, dest: str, to_port: int,
+                peer: socket.socket | None) -> None:
+        """The pool's answer to a host client that found it empty."""
+        if peer is None:
+            log.debug("splice: no namespace socket")
             self._refuse(sock)
             return
         self._start(sock, peer, (dest, to_port), inbound=True)
@@ -311,10 +315,7 @@ class Splicer:
     def close_all(self) -> None:
         for c in list(self.conns):
             self._abort(c, "exit")
-        for pool in self._pool.values():
-            for s in pool:
-                s.close()
-            pool.clear()
+        self.pool.close()
 
 
 def _abort_sock(sock: socket.socket) -> None:

@@ -24,7 +24,9 @@ bound, the loop being level-triggered) through one preallocated buffer.
 hand us datagrams from loopback clients through their `local` hook
 (`from_host`).  `-U` listeners live in the namespace and are ours
 (`ns_listener`).  Sockets in the namespace are made by the namespace thread,
-a few at a time (`_pool`), as in the TCP splice path.  Flows expire like tap
+a few at a time and asynchronously (`pool`, as in the TCP splice path); only
+when the pool ran dry does a new flow wait for one, through a call bounded in
+time (`ns_sockets`).  Flows expire like tap
 flows (`common.flow`): 30 s idle, 180 s once the server has answered.
 """
 
@@ -49,6 +51,7 @@ from common.udp.handler import (
     drain_errors,
     set_buffers,
 )
+from pasta.pool import SocketPool
 from pasta.splice import NsDest, ns_loopback
 
 log = logging.getLogger("udp_splice")
@@ -105,9 +108,10 @@ class UdpSplicer:
     def __init__(self, loop: Loop, ns_sockets: Callable[[int, int], list[socket.socket]], *,
                  ns_dest: NsDest = ns_loopback, idle: float = IDLE_TIMEOUT,
                  idle_replied: float = IDLE_TIMEOUT_REPLIED, gate: Gate | None = None,
-                 flows: FlowTable | None = None) -> None:
-        """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace;
-        ns_dest(v6): the namespace address host loopback clients reach
+                 pool: SocketPool | None = None, flows: FlowTable | None = None) -> None:
+        """ns_sockets(family, n): n new non-blocking UDP sockets inside the namespace, at
+        once (bounded); pool: the same, made ahead of time (None: made n at a time by
+        ns_sockets); ns_dest(v6): the namespace address host loopback clients reach
         (None: none now); flows: the flow table (shared with the data plane), else one
         of its own."""
         self.loop = loop
@@ -123,6 +127,7 @@ class UdpSplicer:
         self._view = memoryview(self._buf)
         # listening socket fd -> client address -> flow
         self._peers: dict[int, dict[tuple, SpliceFlow]] = {}
+        self.pool = pool
         self._pool: dict[int, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
 
     # ------------------------------------------------------------ entry points
@@ -177,6 +182,12 @@ class UdpSplicer:
     # ------------------------------------------------------------ flows
 
     def _ns_sock(self, family: int) -> socket.socket:
+        if self.pool is not None:
+            s = self.pool.take(family)
+            if s is not None:
+                return s
+            self.counters["pool_empty"] += 1
+            return self.ns_sockets(family, 1)[0]
         pool = self._pool[family]
         if not pool:
             pool.extend(self.ns_sockets(family, POOL_TARGET))
@@ -280,3 +291,5 @@ class UdpSplicer:
             for s in pool:
                 s.close()
             pool.clear()
+        if self.pool is not None:
+            self.pool.close()
