@@ -45,7 +45,7 @@ class Helper:
         `__init__`: pyroute2's imports every part of the library (0.15 s),
         where the two modules we use cost half of that.
         """
-        import _socket  # noqa: PLC0415 - `socket` costs 3-6 ms more, the child's time
+        import _socket  # `socket` costs 3-6 ms more, the child's time
 
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -53,7 +53,7 @@ class Helper:
             ours.close()
             _serve(theirs.detach(), preload, bypass_init)          # never returns
         theirs.close()
-        import socket  # noqa: PLC0415
+        import socket
 
         self.sock: socket.socket | None = socket.socket(fileno=ours.detach())
         self.pid = pid
@@ -64,8 +64,8 @@ class Helper:
 
     def submit(self, fn: Callable[..., Any], *args: Any, fds: Sequence[int] = ()) -> int:
         """Send fn(*args, *fds) to the helper now; `result(ticket)` collects the answer."""
-        import json  # noqa: PLC0415
-        import socket  # noqa: PLC0415
+        import json
+        import socket
 
         if self.sock is None:
             raise HelperError("helper already closed")
@@ -80,7 +80,7 @@ class Helper:
     def prefetch(self, fn: Callable[..., Any], *args: Any) -> None:
         """Send fn(*args) now, so that a later `call(fn, *args)` finds its answer ready:
         the helper works on it while we do something else."""
-        import json  # noqa: PLC0415
+        import json
 
         key = json.dumps([fn.__module__, fn.__qualname__, list(args)])
         if key not in self._prefetched:
@@ -89,7 +89,7 @@ class Helper:
     def result(self, ticket: int) -> Any:
         """The answer to request `ticket` (waiting for it); the helper's exception as
         HelperError."""
-        import json  # noqa: PLC0415
+        import json
 
         while ticket not in self._replies:
             if self.sock is None:
@@ -104,7 +104,7 @@ class Helper:
             self._received += 1
         payload = self._replies.pop(ticket)
         if "preloaded" in payload:
-            from common import phases  # noqa: PLC0415
+            from common import phases
 
             phases.mark_at("helper preloaded", payload["preloaded"])
         if "error" in payload:
@@ -116,7 +116,7 @@ class Helper:
     def call(self, fn: Callable[..., Any], *args: Any, fds: Sequence[int] = ()) -> Any:
         """fn(*args, *received_fds) in the helper; its JSON-able result."""
         if not fds and self._prefetched:
-            import json  # noqa: PLC0415
+            import json
 
             ticket = self._prefetched.pop(
                 json.dumps([fn.__module__, fn.__qualname__, list(args)]), None)
@@ -128,7 +128,7 @@ class Helper:
         """The helper exits once its socket is closed; reap it if it is our child."""
         if self.sock is None:
             return
-        import socket  # noqa: PLC0415
+        import socket
 
         try:
             # shutdown, not just close: a child forked since (a held-back command) still
@@ -147,8 +147,8 @@ class Helper:
 def _bypass_init(package: str) -> None:
     """Make `package` importable from without running its __init__: a bare package
     module with the right search path, so that its submodules load alone."""
-    import importlib.util  # noqa: PLC0415
-    import types  # noqa: PLC0415
+    import importlib.util
+    import types
 
     if package in sys.modules:
         return
@@ -165,12 +165,12 @@ def _bypass_init(package: str) -> None:
 def _serve(fd: int, preload: Sequence[str], bypass_init: Sequence[str]) -> None:
     code = 0
     try:
-        import importlib  # noqa: PLC0415
-        import json  # noqa: PLC0415
-        import logging  # noqa: PLC0415
-        import socket  # noqa: PLC0415
-        import time  # noqa: PLC0415
-        import traceback  # noqa: PLC0415
+        import importlib
+        import json
+        import logging
+        import socket
+        import time
+        import traceback
 
         sock = socket.socket(fileno=fd)
         # pyroute2 logs every netlink message at debug level: not ours to show
@@ -195,7 +195,7 @@ def _serve(fd: int, preload: Sequence[str], bypass_init: Sequence[str]) -> None:
                 for part in name.split("."):
                     fn = getattr(fn, part)
                 payload = {"ok": fn(*args, *fds)}
-            except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+            except BaseException as exc:  # everything goes back to the caller
                 payload = {"error": str(exc) or type(exc).__name__,
                            "trace": traceback.format_exc()}
             finally:
@@ -205,7 +205,7 @@ def _serve(fd: int, preload: Sequence[str], bypass_init: Sequence[str]) -> None:
                 payload["preloaded"] = preloaded
                 preloaded = None
             sock.send(json.dumps(payload).encode())
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         code = 1
     finally:
         os._exit(code)

@@ -93,7 +93,7 @@ def _oif(route) -> int | None:
 
 def _discover_netlink(if4: str | None, if6: str | None) -> dict:
     """Runs in the helper child: the only place pyroute2 is imported."""
-    from common.rtnl import (  # noqa: PLC0415 - only in the helper
+    from common.rtnl import (  # only in the helper
         RTM_GETADDR,
         RTM_GETLINK,
         RTM_GETROUTE,

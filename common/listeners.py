@@ -107,7 +107,7 @@ class _Pending:
         self.opened: dict[Key, _Entry] = {}
 
     def commit(self) -> None:
-        self.forwarder._commit(self)        # noqa: SLF001 - its own helper
+        self.forwarder._commit(self)        # its own helper
 
     def abort(self) -> None:
         for e in self.opened.values():

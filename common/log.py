@@ -42,7 +42,7 @@ class CappedFileHandler(logging.Handler):
                 self._shrink(len(data))
             os.write(self.fd, data)
             self.size += len(data)
-        except Exception:  # noqa: BLE001 - logging must never take the process down
+        except Exception:  # logging must never take the process down
             self.handleError(record)
 
     def _shrink(self, incoming: int) -> None:

@@ -373,7 +373,7 @@ def parse_args(mode: str, argv: Sequence[str]) -> dict[str, Any]:
 
 def render_help(mode: str, table: Sequence[Opt] = OPTIONS) -> str:
     """The --help text of `mode`, from the table."""
-    import textwrap  # noqa: PLC0415 - only --help needs it
+    import textwrap  # only --help needs it
 
     lines = [f"Usage: {mode} {u}" if k == 0 else f"       {mode} {u}"
              for k, u in enumerate(USAGE.get(mode, ("[OPTION]...",)))]
@@ -405,7 +405,7 @@ def main_parse(mode: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         opts = parse_args(mode, sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        from common import report  # noqa: PLC0415
+        from common import report
 
         report.error(mode, str(exc))
         raise SystemExit(1) from None
@@ -429,7 +429,7 @@ def program_main(mode: str, argv: Sequence[str] | None,
     `helper_modules`, those of the functions we will ask it to run); it is
     always closed on the way out.
     """
-    from common import phases, report  # noqa: PLC0415
+    from common import phases, report
 
     report.std_fds()          # so that nothing we open lands on 0-2 (a closed stdin, say)
     report.protect_stderr()
@@ -448,21 +448,21 @@ def program_main(mode: str, argv: Sequence[str] | None,
             return 1
     # only now, as importing the sandbox costs tens of milliseconds that `early` can't
     # wait for: not dumpable, nothing inherited but -F and what `early` made
-    from common.sandbox_start import at_start, fd_from_argv  # noqa: PLC0415
+    from common.sandbox_start import at_start, fd_from_argv
 
     given_fd = fd_from_argv(sys.argv[1:] if argv is None else argv,
                             [(o.flags, o.kind != "flag") for o in OPTIONS if mode in o.modes])
     at_start(keep=kept if given_fd is None else (*kept, given_fd))
     phases.mark("sandbox at start")
-    from common.helper import Helper  # noqa: PLC0415
+    from common.helper import Helper
 
     # pyroute2's package __init__ imports the whole library (ndb, ipdb, ...: 0.15 s);
     # the helper loads only the modules we use, and starts now, so that it has done
     # so by the time we ask it anything
     helper = Helper(preload=("common.rtnl", *helper_modules), bypass_init=("pyroute2",))
     phases.mark("helper forked")
-    from common.conf import ConfigError  # noqa: PLC0415
-    from common.helper import HelperError  # noqa: PLC0415
+    from common.conf import ConfigError
+    from common.helper import HelperError
     try:
         try:
             code = run(opts, helper)
@@ -480,8 +480,8 @@ def _exit_now(code: int) -> None:
     """Exit the program without the interpreter's teardown of every module and
     object (15-20 ms that `pasta -- CMD` would add to CMD's run): everything we
     opened is closed by now; what is left to do is flush what was written."""
-    import logging  # noqa: PLC0415
-    import os  # noqa: PLC0415
+    import logging
+    import os
 
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -103,7 +103,7 @@ class PidFile:
         self.path = path
         self.fd: int | None = None
         if path:
-            from common.files import open_for_write  # noqa: PLC0415
+            from common.files import open_for_write
 
             self.fd = open_for_write(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "pid file")
 
@@ -137,8 +137,8 @@ def begin(conf: Config, prog: str) -> tuple[PidFile, tuple[int, int] | None]:
     """What pasta and passt do first once the Config stands: set up logging and say its
     notes, open the pid file (a bad path fails now, before anything exists), and decide
     who we run as (from who started us: before we join any user namespace)."""
-    from common import isolation  # noqa: PLC0415
-    from common import log as logsetup  # noqa: PLC0415
+    from common import isolation
+    from common import log as logsetup
 
     try:
         logsetup.setup(conf.log, prog)
@@ -161,12 +161,12 @@ def serve(session: Served, pid_file: PidFile, prog: str) -> int:
     code = 1
     try:
         code = session.run()
-    except Exception as exc:  # noqa: BLE001 - said on the log, then we exit
+    except Exception as exc:  # said on the log, then we exit
         log.critical("exiting on an unexpected error: %s", exc, exc_info=True)
     finally:
         try:
             session.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.error("while exiting: %s", exc, exc_info=True)
         pid_file.remove()
     return code

@@ -88,7 +88,7 @@ def broken() -> bool:
 
 def log_line(prog: str, message: str) -> str:
     """A line as the log file has them (see common.log)."""
-    import time  # noqa: PLC0415
+    import time
 
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
@@ -104,7 +104,7 @@ def _to_log_file(prog: str, message: str, path: str) -> bool:
                 handler.handle(logging.LogRecord(prog, logging.ERROR, __file__, 0, message,
                                                  None, None))
                 return True
-    from common.files import open_for_write  # noqa: PLC0415
+    from common.files import open_for_write
 
     try:
         fd = open_for_write(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "log file")
@@ -121,7 +121,7 @@ def _to_log_file(prog: str, message: str, path: str) -> bool:
 
 def to_syslog(prog: str, message: str) -> None:
     try:
-        import syslog  # noqa: PLC0415
+        import syslog
 
         syslog.openlog(prog, syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_ERR, message)

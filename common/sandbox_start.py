@@ -74,7 +74,7 @@ def set_dumpable(on: bool) -> None:
     if prctl is not None:
         prctl.set_dumpable(on)
     else:  # pragma: no cover
-        import ctypes  # noqa: PLC0415
+        import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(4, int(on), 0, 0, 0)  # PR_SET_DUMPABLE
 

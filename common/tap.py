@@ -98,7 +98,7 @@ class TunTap:
         self._skip = VNET_HDR_LEN if vnet_hdr else 0
         self._rbuf = bytearray(self._skip + FRAME_MAX + 64)
         self._rview = memoryview(self._rbuf)
-        self._file = open(fd, "rb", buffering=0, closefd=False)   # noqa: SIM115
+        self._file = open(fd, "rb", buffering=0, closefd=False)
         self._zero_hdr = bytes(VNET_HDR_LEN)
 
     def fileno(self) -> int:
@@ -384,7 +384,7 @@ class StreamTap:
     def _watch_out(self, on: bool) -> None:
         loop = self.loop
         if loop is not None and loop.watching(self.fd):
-            from common.loop import IN, OUT  # noqa: PLC0415 - tap does not need the loop otherwise
+            from common.loop import IN, OUT  # tap does not need the loop otherwise
 
             loop.modify(self.fd, IN | OUT if on else IN)
 

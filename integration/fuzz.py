@@ -631,7 +631,7 @@ class _Echo:
 def _spin(loop: Loop, seconds: float) -> None:
     loop.call_later(seconds, lambda: loop.stop(0))
     loop.run()
-    loop._exit_code = None      # noqa: SLF001 - run again next time
+    loop._exit_code = None      # run again next time
 
 
 def run(frames: int, seed: int, *, confs: tuple[Config, Config], chunk: int = 32,

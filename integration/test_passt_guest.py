@@ -142,7 +142,7 @@ def services(up: Uplink, results: Path, log: Path) -> Iterator[None]:
                          (up.router_ns, [*tcp(REMOTE4), *tcp(REMOTE6)])):
             p = subprocess.Popen(in_ns(ns, sys.executable, str(SERVICES), "serve", *common,
                                        *args), stdout=subprocess.PIPE,
-                                 stderr=open(log, "ab"), text=True)   # noqa: SIM115
+                                 stderr=open(log, "ab"), text=True)
             procs.append(p)
             assert p.stdout.readline().strip() == "ready", log.read_text()
         yield
@@ -161,7 +161,7 @@ def forward_clients(up: Uplink, results: Path, log: Path) -> list[subprocess.Pop
             in_ns(up.host_ns, sys.executable, str(SERVICES), kind, "--connect",
                   f"127.0.0.1,{port}", "--results", str(results), "--tag", kind,
                   "--size", str(SIZE), "--seed", str(SEED + 1), "--deadline", "240"),
-            stdout=subprocess.DEVNULL, stderr=open(log, "ab")))   # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=open(log, "ab")))
     return out
 
 

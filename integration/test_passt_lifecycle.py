@@ -193,7 +193,7 @@ def test_libvirt_9_0_starts_qemu_without_waiting(guest_image, tmp_path, test_use
                         guest_image, stream_netdev(sock),
                         LIBVIRT_9_SCRIPT.replace("@GW4@", up.gw4), BOOT_TIMEOUT, mac=mac,
                         wrapper=["sh", "-c", GO_WRAPPER, str(ready), str(fifo)])
-                except BaseException as exc:  # noqa: BLE001 - reported by the test
+                except BaseException as exc:  # reported by the test
                     outcome["error"] = exc
 
             qemu = threading.Thread(target=boot, daemon=True)

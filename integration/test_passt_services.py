@@ -302,11 +302,11 @@ def main(argv: list[str]) -> int:
 
 def test_tftp_and_tcp_services_with_busybox_clients(tmp_path: Path) -> None:
     """The services against busybox's own tftp and nc, on this machine's loopback."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    import pytest  # noqa: PLC0415
+    import pytest
 
-    from integration.conftest import wait_for  # noqa: PLC0415
+    from integration.conftest import wait_for
 
     if shutil.which("busybox") is None:
         pytest.fail("busybox is not installed (tools/test.sh installs busybox-static)")

@@ -132,7 +132,7 @@ def test_qrap_hands_a_framed_stream_to_its_command(topo, procs, private_tmp, cli
 
 def test_our_qrap_skips_busy_and_dead_sockets(topo, procs, private_tmp, client):
     # passt_1: a stale socket (refused); passt_2: passt serving another guest; passt_3: ours
-    import socket  # noqa: PLC0415
+    import socket
 
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(private_tmp / "passt_1.socket"))

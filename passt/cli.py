@@ -47,7 +47,7 @@ def listen_early(opts: dict[str, Any]) -> tuple[int, ...]:
     """
     if opts.get("fd") is not None or opts.get("print_capabilities"):
         return ()
-    from passt.sockpath import SocketPathError, bind_socket  # noqa: PLC0415
+    from passt.sockpath import SocketPathError, bind_socket
 
     try:
         opts["bound_socket"] = bind_socket(opts.get("socket"))
@@ -74,8 +74,8 @@ def run(opts: dict[str, Any], helper: Helper) -> int:
 
 
 def _discard(raw: Any, path: str) -> None:
-    import os  # noqa: PLC0415
-    import stat  # noqa: PLC0415
+    import os
+    import stat
 
     if raw.fileno() < 0:
         return
@@ -88,12 +88,12 @@ def _discard(raw: Any, path: str) -> None:
 
 
 def _run(opts: dict[str, Any], helper: Helper, bound: tuple[Any, str] | None) -> int:
-    from common import report  # noqa: PLC0415
-    from common.conf import host_config  # noqa: PLC0415
-    from common.process import Readiness, begin, daemonize, serve  # noqa: PLC0415
+    from common import report
+    from common.conf import host_config
+    from common.process import Readiness, begin, daemonize, serve
 
     if opts.get("print_capabilities"):
-        from passt.vhost.protocol import capabilities_json  # noqa: PLC0415
+        from passt.vhost.protocol import capabilities_json
 
         print(capabilities_json())
         return 0
@@ -135,17 +135,17 @@ def start_up(conf: Config, opts: dict[str, Any], fd: int | None,
     parent is told we are ready; on failure what exists is undone and the
     error (one line) propagates.
     """
-    import logging  # noqa: PLC0415
+    import logging
 
-    from common import log as logsetup  # noqa: PLC0415
-    from common.conf import describe  # noqa: PLC0415
-    from passt.session import Session  # noqa: PLC0415
+    from common import log as logsetup
+    from common.conf import describe
+    from passt.session import Session
 
     log = logging.getLogger("passt")
     session_class = Session
     if opts.get("vhost_user"):
         # the vhost-user modules load only in that mode (still before the sandbox)
-        from passt.vhost.session import VhostUserSession  # noqa: PLC0415
+        from passt.vhost.session import VhostUserSession
 
         session_class = VhostUserSession
     session = session_class(conf, socket_path=opts.get("socket"), bound=bound, fd=fd,

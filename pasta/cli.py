@@ -36,7 +36,7 @@ def default_shell() -> str:
     shell = os.environ.get("SHELL")
     if shell:
         return shell
-    import pwd  # noqa: PLC0415
+    import pwd
 
     try:
         return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
@@ -69,25 +69,25 @@ def main(argv: list[str] | None = None) -> int:
 def run(opts: dict[str, Any], helper: Helper) -> int:
     # Everything that can be refused is refused here, before anything exists.
     pid, command = split_target(opts)
-    from common.conf import ConfigError, host_config, start_host_discovery  # noqa: PLC0415
+    from common.conf import ConfigError, host_config, start_host_discovery
 
     start_host_discovery(opts, helper)
     # What set-up needs is imported now, while the helper still loads pyroute2
     # (on another core) and looks at the host, before we wait for its answer
-    import logging  # noqa: PLC0415
-    import signal  # noqa: PLC0415
+    import logging
+    import signal
 
-    from common import report  # noqa: PLC0415
-    from common.helper import HelperError  # noqa: PLC0415
-    from common.process import Readiness, begin, daemonize, serve  # noqa: PLC0415
-    from pasta import session as _session  # noqa: F401, PLC0415 - the data plane, loaded now
-    from pasta.ns import NamespaceError, SpawnedCommand, join_userns, open_target  # noqa: PLC0415
+    from common import report
+    from common.helper import HelperError
+    from common.process import Readiness, begin, daemonize, serve
+    from pasta import session as _session  # noqa: F401 - the data plane, loaded now
+    from pasta.ns import NamespaceError, SpawnedCommand, join_userns, open_target
 
     phases.mark("imported")
     conf = host_config("pasta", opts, helper)
     phases.mark("host config")
     if opts.get("ns_mac_addr"):
-        from common.conf import parse_mac  # noqa: PLC0415
+        from common.conf import parse_mac
         parse_mac(opts["ns_mac_addr"])
     pid_file, run_as = begin(conf, "pasta")
     spawned: SpawnedCommand | None = None
@@ -143,11 +143,11 @@ def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
     parent (or the held-back command) is told we are ready; on failure what
     exists is undone and the error (one line) propagates.
     """
-    import logging  # noqa: PLC0415
+    import logging
 
-    from common import log as logsetup  # noqa: PLC0415
-    from common.conf import describe  # noqa: PLC0415
-    from pasta.session import Session  # noqa: PLC0415
+    from common import log as logsetup
+    from common.conf import describe
+    from pasta.session import Session
 
     log = logging.getLogger("pasta")
     session = Session(conf, opts, target, helper)

@@ -70,7 +70,7 @@ def plan(conf: Config, ifname: str, mac: str | None, *, config_net: bool,
 
 def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict:
     """Runs in the helper: enter the namespaces and apply the plan."""
-    from common.rtnl import (  # noqa: PLC0415 - only in the helper
+    from common.rtnl import (  # only in the helper
         NLM_F_CREATE,
         NLM_F_EXCL,
         RTM_DELADDR,
@@ -84,7 +84,7 @@ def _apply(plan_dict: dict, netns_fd: int, userns_fd: int | None = None) -> dict
         ifinfmsg,
         rtmsg,
     )
-    from pasta.ns import CLONE_NEWNET, CLONE_NEWUSER, setns  # noqa: PLC0415
+    from pasta.ns import CLONE_NEWNET, CLONE_NEWUSER, setns
 
     if userns_fd is not None:          # rootless: the user namespace gives the right to enter
         setns(userns_fd, CLONE_NEWUSER)

@@ -126,7 +126,7 @@ NS_GET_NSTYPE = 0xB703
 
 
 def _check_type(fd: int, nstype: int, what: str) -> None:
-    import fcntl  # noqa: PLC0415
+    import fcntl
 
     try:
         got = fcntl.ioctl(fd, NS_GET_NSTYPE)
@@ -217,7 +217,7 @@ class SpawnedCommand:
             except OSError as exc:
                 print(f"pasta: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
                 os._exit(127)
-        except BaseException:  # noqa: BLE001 - never return into the parent's code
+        except BaseException:  # never return into the parent's code
             os._exit(1)
 
     def target(self) -> Target:

@@ -265,6 +265,6 @@ def raise_fd_limit() -> None:
 
 
 def _guest_state(conf: Config, ns_mac: str | None):
-    from common.guest import GuestState  # noqa: PLC0415
+    from common.guest import GuestState
 
     return GuestState(conf, parse_mac(ns_mac) if ns_mac else None)

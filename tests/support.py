@@ -72,7 +72,7 @@ def spin(loop: Loop, seconds: float = 0.05) -> None:
     """Run the loop for a while (it dispatches socket events and timers)."""
     loop.call_later(seconds, lambda: loop.stop(0))
     loop.run()
-    loop._exit_code = None      # noqa: SLF001 - let the next spin run again
+    loop._exit_code = None      # let the next spin run again
 
 
 class FakeTap:
@@ -135,7 +135,7 @@ def in_fresh_netns(fn, ping_groups: str | None = None, timeout: float = 30):
                 with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
                     f.write(ping_groups)
             out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+        except BaseException as exc:  # re-raised in the test's thread
             out["error"] = exc
 
     t = threading.Thread(target=body)

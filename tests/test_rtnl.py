@@ -11,7 +11,7 @@ from common.helper import Helper
 
 
 def dump_lo() -> list:
-    from common.rtnl import RTM_GETADDR, Rtnl, ifaddrmsg  # noqa: PLC0415
+    from common.rtnl import RTM_GETADDR, Rtnl, ifaddrmsg
 
     with Rtnl() as nl:
         lo = nl.link_index("lo")
@@ -22,7 +22,7 @@ def dump_lo() -> list:
 
 
 def refused_change() -> list:
-    from common.rtnl import RTM_NEWLINK, NetlinkError, Rtnl, ifinfmsg  # noqa: PLC0415
+    from common.rtnl import RTM_NEWLINK, NetlinkError, Rtnl, ifinfmsg
 
     with Rtnl() as nl:
         try:

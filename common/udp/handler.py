@@ -530,7 +530,7 @@ class UdpHandler:
 
 
 def _observe(guest: GuestState, v6: bool, packed: bytes) -> None:
-    import ipaddress  # noqa: PLC0415 - only on new flows
+    import ipaddress  # only on new flows
 
     if v6:
         guest.observe_addr6(ipaddress.IPv6Address(packed))

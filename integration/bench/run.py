@@ -308,7 +308,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(
         {"when": when, "argv": sys.argv, "rounds": args.rounds, "quick": args.quick,
          "load_before": load, "load_after": after, "figures": figures}, indent=1))
-    from chart import render  # noqa: PLC0415 - this directory's module
+    from chart import render  # this directory's module
 
     svg = render(figures, "passt for Python vs C pasta/passt vs slirp4netns", note)
     (out / "results.svg").write_text(svg)
