@@ -59,7 +59,7 @@ from functools import partial
 
 from common import log as plog
 from common.conf import Config
-from common.flow import UDP, DatagramExpiry, FlowTable, TapFlow
+from common.flow import UDP, DatagramExpiry, FlowTable, TapFlow, make_key
 from common.flowheader import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowHeader
 from common.flowinfo import datagram_record
 from common.gate import Gate
@@ -427,7 +427,7 @@ class UdpHandler:
             guest = gaddr.packed
         peer = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr[0])
         src = self.map.to_guest_source(v6, peer)
-        key = guest + src + _PORTS.pack(listener.to_port, addr[1])
+        key = make_key(guest, src, listener.to_port, addr[1])
         existing = self.flows.get(key)
         if existing is not None:
             # the guest already talks to this very address and port: same frames
