@@ -289,8 +289,8 @@ def test_zero_window_then_update_when_the_socket_drains(guest, server):
     peer, _ = server.accept()
     seq = shut_our_window(g, port, isn, peer)
     read_exactly(peer, seq - (ISN + 1))
-    g.run(0.2)
-    updates = [t for t, _ in g.frames() if t.flags & ACK]
+    got = g.until(lambda f: any(t.window > 0 for t, _ in f), what="the window update")
+    updates = [t for t, _ in got if t.flags & ACK]
     assert updates and updates[-1].window > 0 and updates[-1].ack == seq
     peer.close()
 
@@ -319,8 +319,7 @@ def test_a_lost_window_update_is_repeated_for_the_zero_window_probe(guest, serve
     peer, _ = server.accept()
     seq = shut_our_window(g, port, isn, peer)
     read_exactly(peer, seq - (ISN + 1))
-    g.run(0.2)
-    g.frames()                                      # the window update: lost on the way
+    g.until(lambda f: any(t.window > 0 for t, _ in f))  # the window update: lost on the way
     g.send(port, seq - 1, isn + 1, ACK)             # the guest's zero-window probe
     (answer, _), = g.frames()
     assert answer.ack == seq and answer.window > 0
@@ -337,8 +336,7 @@ def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
     peer.sendall(b"x" * 5000)
     g.run(0.05)
     assert [p for _, p in g.frames() if p] == []               # nothing sent into a shut window
-    g.run(0.4)
-    probes = g.frames()
+    probes = g.until(bool, what="a window probe")
     assert probes and all(t.seq == isn and not p for t, p in probes)   # snd_una - 1, no data
     g.send(port, ISN + 1, isn + 1, ACK, window=65535)         # the answer: open again
     g.run(0.05)

@@ -35,6 +35,7 @@ from tests.support import (
     FakeTap,
     make_conf,
     parse_frame,
+    run_until,
     spin,
 )
 from tests.test_udp_frames import check_udp
@@ -200,10 +201,10 @@ def test_flow_limit_and_idle_expiry():
         srv.recvfrom(10)
         srv.recvfrom(10)
         srv.sendto(b"r", ("127.0.0.1", 40013) if peer[1] != 40013 else peer)
-        spin(loop, 0.3)
-        assert len(udp.flows) == 1 and next(iter(udp.flows.values())).replied
-        spin(loop, 0.4)
-        assert not udp.flows and all(s.fileno() == -1 for s in socks)
+        run_until(loop, lambda: len(udp.flows) == 1, 2.0, what="the one-way flows' expiry")
+        assert next(iter(udp.flows.values())).replied
+        run_until(loop, lambda: not udp.flows, 2.0, what="the answered flow's expiry")
+        assert all(s.fileno() == -1 for s in socks)
         assert udp.stats()["expired"] == 2
     finally:
         udp.close_all()
