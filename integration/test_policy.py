@@ -356,7 +356,8 @@ TTL = 3
 
 def test_rules_by_dns_name_for_the_ttl(services, procs, tmp_path):
     """--allow-dns-name: the test's own resolver on the host side answers; its answers
-    (A over UDP, AAAA over TCP) open the name's addresses until their TTL ends."""
+    (A and AAAA, each over UDP and over TCP) open the name's addresses until their TTL
+    ends."""
     topo = services
     (Path("/etc/netns") / topo.host.name / "resolv.conf").write_text("nameserver 127.0.0.53\n")
     p = procs.start(topo.host.cmd(PY, "-c", RESPONDER, "127.0.0.53", str(TTL)), text=True)
@@ -372,6 +373,7 @@ def test_rules_by_dns_name_for_the_ttl(services, procs, tmp_path):
         assert probe(target, "tcp", ALLOWED4, HTTP)["ok"]
         assert probe(target, "udp", ALLOWED4, ECHO).get("icmp") == [3, 13]   # tcp:...:8080
         assert lookup(target, "tcp", "allowed.test", 28) == ALLOWED6
+        answered = time.monotonic()                 # the later of the two answers
         assert probe(target, "tcp", ALLOWED6, HTTP)["ok"]
         assert lookup(target, "udp", "other.test") == DENIED4       # not an allowed name
         assert probe(target, "tcp", DENIED4, HTTP)["error"] == "ConnectionRefusedError"
@@ -379,11 +381,15 @@ def test_rules_by_dns_name_for_the_ttl(services, procs, tmp_path):
         assert {(e["addr"], e["name"]) for e in shown["learned"]} == {
             (ALLOWED4, "allowed.test"), (ALLOWED6, "allowed.test")}, shown
         assert shown["rules"][0]["flows"] == 2 and shown["dns_forward_flows"] == 3, shown
-        # the TTL ends: the address is denied again, until the next answer
+        # the TTL ends: the addresses are denied again, until the next answers (now A
+        # over TCP and AAAA over UDP: all four ways are learned from)
         time.sleep(max(0.0, answered + TTL + 0.5 - time.monotonic()))
         assert probe(target, "tcp", ALLOWED4, HTTP)["error"] == "ConnectionRefusedError"
-        assert lookup(target, "udp", "allowed.test") == ALLOWED4
+        assert probe(target, "tcp", ALLOWED6, HTTP)["error"] == "ConnectionRefusedError"
+        assert lookup(target, "tcp", "allowed.test") == ALLOWED4
         assert probe(target, "tcp", ALLOWED4, HTTP)["ok"]
+        assert lookup(target, "udp", "allowed.test", 28) == ALLOWED6
+        assert probe(target, "tcp", ALLOWED6, HTTP)["ok"]
 
 
 # ---------------------------------------------------------------- run time
