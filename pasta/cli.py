@@ -164,6 +164,9 @@ def start_up(conf: Config, opts: dict[str, Any], target: Target, helper: Helper,
             log.info(line)
         pid_file.write()
         if spawned is None and not conf.process.foreground:
+            # stderr goes away: the phases so far (`ready` below goes to the log file)
+            phases.mark("set-up")
+            log.debug("start-up: %s", phases.summary())
             logsetup.detach(conf.log, "pasta")   # syslog's socket: before the sandbox
         # the last step: the user we run as, the empty root, the filter
         session.enter_sandbox(run_as)

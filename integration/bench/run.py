@@ -270,8 +270,12 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma list of: peers, startup, idle, passt")
     p.add_argument("--out", help="directory for the JSON, the report and the chart")
     p.add_argument("--chart", type=Path, help="also write the chart here (the README's: "
-                   "docs/bench.svg)")
+                   "integration/bench/results.svg)")
+    p.add_argument("--from", dest="from_dir", type=Path, help="measure nothing: rebuild the "
+                   "report, JSON and chart from the JSON files a run left in this directory")
     args = p.parse_args()
+    if args.from_dir:
+        return report(args, args.from_dir, rebuild(args.from_dir, args.mtu), os.getloadavg())
     if os.geteuid() != 0:
         sys.exit("bench: run as root (namespaces, tap devices)")
     skip = {s for s in args.skip.split(",") if s}
@@ -296,8 +300,29 @@ def main() -> int:
         res = run_json("passt_bench.py", ["--rounds", str(args.rounds), "--size",
                                           "64" if args.quick else "256"], out, "passt")
         figures += passt_figures(res) if res else []
-    figures.sort(key=lambda f: [g for g in dict.fromkeys(x["group"] for x in figures)]
-                 .index(f["group"]))
+    return report(args, out, figures, load)
+
+
+def rebuild(where: Path, mtus: str) -> list[dict]:
+    """The figures from the JSON files of an earlier run."""
+    figures: list[dict] = []
+    for mtu in (int(m) for m in mtus.split(",")):
+        f = where / f"peers-mtu{mtu}.json"
+        if f.exists():
+            figures += peer_figures(json.loads(f.read_text()), mtu)
+    for name, fn in (("startup", startup_figures), ("idle", idle_figures),
+                     ("passt", passt_figures)):
+        f = where / f"{name}.json"
+        if f.exists():
+            figures += fn(json.loads(f.read_text()))
+    return figures
+
+
+def report(args: argparse.Namespace, out: Path, figures: list[dict],
+           load: tuple[float, ...]) -> int:
+    """Print the table; write report.md, results.json and results.svg to `out`."""
+    order = list(dict.fromkeys(f["group"] for f in figures))
+    figures.sort(key=lambda f: order.index(f["group"]))      # a group's rows together
     when = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True,
                           text=True).stdout.strip()
     after = os.getloadavg()

@@ -81,7 +81,9 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
 
 
 def phases_of(stderr: str) -> dict[str, float]:
-    for line in stderr.splitlines():
+    """The last `start-up:` line (a daemon writes one before its stderr goes away,
+    then the whole one to its log)."""
+    for line in reversed(stderr.splitlines()):
         if line.startswith("start-up: "):
             out = {}
             for part in line[len("start-up: "):].split(", "):
