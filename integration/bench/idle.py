@@ -9,10 +9,11 @@ sleep states.  For each tool and each connection count, a fresh namespace
 once-a-second `auto` port scan runs) gets the tool attached; a client in the
 namespace opens the connections to a server beyond the "host" (the router
 namespace of the test world, reached through the tool's tap), they exchange
-one byte each way, and then nothing moves.  After SETTLE seconds, the context
-switches of all the tool's threads (voluntary and not, from
-/proc/PID/task/*/status) are counted over SECONDS: wake-ups per second.  RSS is
-read at the end.  Target (issue 14): at most 2 wake-ups/s at every count, and
+one byte each way, and then nothing moves.  After SETTLE seconds, the
+voluntary context switches of all the tool's threads (/proc/PID/task/*/status:
+each sleep ends in one) are counted over SECONDS: wake-ups per second;
+involuntary ones (preemptions, which other load adds) are reported apart.  RSS
+is read at the end.  Target (issue 14): at most 2 wake-ups/s at every count, and
 pasta's idle RSS (0 connections) <= 30 MiB.
 
     integration/bench/idle.py [--seconds 20] [--counts 0,200,1000] [--json FILE]
@@ -72,16 +73,21 @@ sys.stdin.read()
 """
 
 
-def switches(pid: int) -> int:
-    total = 0
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all the threads of `pid`.  Each
+    sleep ends in one voluntary switch: those are the wake-ups; involuntary ones are
+    preemptions, which other load on the machine adds."""
+    vol = invol = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             for line in (task / "status").read_text().splitlines():
-                if "ctxt_switches:" in line:
-                    total += int(line.split()[1])
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol += int(line.split()[1])
         except (OSError, ValueError):
             pass                        # a thread that ended meanwhile
-    return total
+    return vol, invol
 
 
 def rss_mib(pid: int) -> float:
@@ -151,7 +157,8 @@ def measure(impl: str, cmd: list[str], count: int, up, work: Path, seconds: floa
         before, t0 = switches(tool.pid), time.monotonic()
         time.sleep(seconds)
         after, t1 = switches(tool.pid), time.monotonic()
-        return {"wakeups_per_s": round((after - before) / (t1 - t0), 2),
+        return {"wakeups_per_s": round((after[0] - before[0]) / (t1 - t0), 2),
+                "preemptions_per_s": round((after[1] - before[1]) / (t1 - t0), 2),
                 "rss_mib": round(rss_mib(tool.pid), 1)}
     finally:
         if client is not None:
@@ -198,15 +205,15 @@ def main() -> int:
     res["load_after"] = os.getloadavg()
     print(f"idle cost over {a.seconds:.0f} s (load average {load[0]:.2f} before, "
           f"{res['load_after'][0]:.2f} after)")
-    print(f"{'connections':>11} {'impl':12} {'wake-ups/s':>10} {'RSS MiB':>8}  verdict "
-          f"(<= {TARGET_WAKEUPS:g}/s)")
+    print(f"{'connections':>11} {'impl':12} {'wake-ups/s':>10} {'preempt/s':>9} "
+          f"{'RSS MiB':>8}  verdict (<= {TARGET_WAKEUPS:g}/s)")
     for count in counts:
         for impl in impls:
             r = res["results"][impl][str(count)]
             verdict = ("met" if r["wakeups_per_s"] <= TARGET_WAKEUPS else "MISSED") \
                 if impl == "ours" else ""
-            print(f"{count:>11} {impl:12} {r['wakeups_per_s']:>10.1f} {r['rss_mib']:>8.1f}  "
-                  f"{verdict}")
+            print(f"{count:>11} {impl:12} {r['wakeups_per_s']:>10.1f} "
+                  f"{r['preemptions_per_s']:>9.1f} {r['rss_mib']:>8.1f}  {verdict}")
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     return 0
