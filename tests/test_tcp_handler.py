@@ -462,3 +462,20 @@ def test_inbound_handshake_times_out(guest, monkeypatch):
     with pytest.raises(ConnectionResetError):
         client.recv(10)
     client.close()
+
+
+def test_trace_logs_every_event_and_flag_change(guest, server, monkeypatch, caplog):
+    """--trace: each lifecycle event and each flag change of a connection, as it happens."""
+    from common import log as plog
+    monkeypatch.setattr(plog, "TRACE_ON", True)
+    caplog.set_level(plog.TRACE, logger="tcp")
+    g = guest()
+    port = server.getsockname()[1]
+    isn = establish(g, port)
+    peer, _ = server.accept()
+    g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")
+    g.until(bool, what="the delayed ACK")
+    said = " ".join(r.getMessage() for r in caplog.records if r.name == "tcp")
+    for change in ("GUEST_SYN", "SYNACK_SENT", "ESTABLISHED", "ACK_DELAYED", "~ACK_DELAYED"):
+        assert f": {change}" in said, (change, said)
+    peer.close()
