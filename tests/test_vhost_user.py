@@ -12,6 +12,7 @@ the process, the connection and the other queue carry on.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -23,7 +24,18 @@ from pathlib import Path
 import pytest
 
 from common.tap import GSO_TCP4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
-from passt.vhost.protocol import ADDR, MEM_HEADER, REGION, STATE, U64, VERSION, F, Req
+from passt.vhost import migration
+from passt.vhost.protocol import (
+    ADDR,
+    DEVICE_STATE,
+    MEM_HEADER,
+    REGION,
+    STATE,
+    U64,
+    VERSION,
+    F,
+    Req,
+)
 from passt.vhost.session import VhostUserSession
 from tests.support import GW4, make_conf, wait_until
 from tests.test_passt import (
@@ -137,12 +149,13 @@ def test_features_offered_and_negotiated(server: Server) -> None:
         offered = fe.u64(Req.GET_FEATURES)
         for bit in (F.VERSION_1, F.NET_MRG_RXBUF, F.RING_EVENT_IDX, F.RING_INDIRECT_DESC,
                     F.NET_CSUM, F.NET_GUEST_CSUM, F.NET_HOST_TSO4, F.NET_HOST_TSO6,
-                    F.NET_GUEST_TSO4, F.NET_GUEST_TSO6, F.PROTOCOL_FEATURES):
+                    F.NET_GUEST_TSO4, F.NET_GUEST_TSO6, F.PROTOCOL_FEATURES, F.LOG_ALL):
             assert offered >> bit & 1, bit
-        for bit in (F.RING_PACKED, F.ACCESS_PLATFORM, F.LOG_ALL, F.NET_MTU):
+        for bit in (F.RING_PACKED, F.ACCESS_PLATFORM, F.NET_MTU):
             assert not offered >> bit & 1, bit
         proto = fe.u64(Req.GET_PROTOCOL_FEATURES)
         assert proto & 1 << 3                      # REPLY_ACK
+        assert proto & 1 << 1 and proto & 1 << 19  # LOG_SHMFD, DEVICE_STATE (migration)
         assert not proto & 1                       # no multiqueue
         fe.send(Req.SET_PROTOCOL_FEATURES, U64.pack(1 << 3))
         # what was not offered is refused, and the message fails alone
@@ -161,8 +174,11 @@ def test_unsupported_requests_fail_alone_and_their_fds_are_closed(server: Server
         fe.send(Req.SET_PROTOCOL_FEATURES, U64.pack(1 << 3))
         assert fe.ack(99) != 0
         r, w = os.pipe()
-        assert fe.ack(Req.SET_LOG_FD, b"", [r]) != 0           # passed fd is closed
-        os.close(w)
+        assert fe.ack(Req.SET_LOG_FD, b"", [r, w]) != 0        # two fds: both closed
+        assert fe.ack(Req.SET_LOG_BASE, struct.pack("=QQ", 4096, 0)) != 0   # no fd
+        r, w = os.pipe()
+        assert fe.ack(Req.SET_DEVICE_STATE_FD, struct.pack("=II", 0, 1), [r]) != 0
+        os.close(w)                                            # no such phase: r closed
         assert fe.call(Req.GET_CONFIG, struct.pack("=III", 0, 8, 0), need_reply=False) == b""
         assert fe.ack(Req.SET_VRING_NUM, STATE.pack(0, 100)) != 0      # not a power of two
         assert fe.ack(Req.SET_VRING_NUM, STATE.pack(7, 64)) != 0       # no queue 7
@@ -743,3 +759,129 @@ def test_a_driver_resetting_in_a_loop_does_not_flood_the_log(
         assert g.fe.u64(Req.GET_FEATURES)
     finally:
         g.close()
+
+
+# ---------------------------------------------------------------- live migration
+
+LOG_PAGE = 4096
+
+
+def pages(addr: int, length: int) -> set[int]:
+    return set(range(addr // LOG_PAGE, (addr + length - 1) // LOG_PAGE + 1)) if length else set()
+
+
+def logged(log_map) -> set[int]:
+    return {8 * i + bit for i, byte in enumerate(bytes(log_map)) if byte
+            for bit in range(8) if byte >> bit & 1}
+
+
+def start_logging(g: Guest, log_fd: int, size: int, on: bool = True) -> None:
+    """What QEMU does when a migration starts (or, `on` False, ends): the log, LOG_ALL,
+    and the rings' addresses again with their used rings' guest addresses to log."""
+    fe = g.fe
+    fe.send(Req.SET_LOG_BASE, struct.pack("=QQ", size, 0), [os.dup(log_fd)])
+    assert U64.unpack(fe.recv_reply(Req.SET_LOG_BASE)) == (0,)
+    feats = g.features | (1 << F.LOG_ALL if on else 0)
+    assert fe.ack(Req.SET_FEATURES, U64.pack(feats)) == 0
+    for i, ring in enumerate(g.rings):
+        assert fe.ack(Req.SET_VRING_ADDR, ADDR.pack(
+            i, 1 if on else 0, g.ram.uva(ring.desc), g.ram.uva(ring.used),
+            g.ram.uva(ring.avail), ring.used)) == 0
+
+
+def test_dirty_log_has_every_page_we_wrote_and_no_other(server: Server, guest: Guest) -> None:
+    size = (GPA_BASE + guest.ram.size) // LOG_PAGE // 8 + 1
+    log_fd = os.memfd_create("vhost-test-log", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(log_fd, size)
+        log_map = mmap.mmap(log_fd, size)
+        start_logging(guest, log_fd, size)
+        # receive buffers: single ones (the fast path) and a chain of three pieces
+        guest.ram.alloc(0, LOG_PAGE)                         # a page of its own
+        pieces = [(guest.ram.alloc(640), 640) for _ in range(3)]    # contiguous
+        guest.ram.alloc(0, LOG_PAGE)
+        chained = guest.rx.add(pieces, write=True)          # the first frame goes here
+        singles = guest.post_rx(8, size=1536)
+        buffers = {h: [(guest.ram.unpack(DESC, guest.rx.desc + 16 * h)[0], 1536)]
+                   for h in singles}
+        buffers[chained] = pieces
+        frames = [b"\x52\x54\x00\x12\x34\x56" + bytes(range(6, 256)) * 4]   # 1 KiB
+        frames.append(frames[0][:60])
+        inject(server, frames)
+        guest.send_frame(arp_request(GW4))                   # TX used ring, and a reply
+        got = frames_in(guest, 3)
+        received = [d for _h, d in got]
+        assert all(f in received for f in frames)
+        expected: set[int] = set()
+        # what we gave back, read from the used ring (the driver above consumed it)
+        used = [guest.ram.unpack(struct.Struct("<II"), guest.rx.used + 4 + 8 * i)
+                for i in range(guest.rx.used_idx())]
+        assert len(used) == 3
+        for head, length in used:
+            for addr, n in buffers[head]:
+                expected |= pages(addr, min(n, length))
+                length -= n
+                if length <= 0:
+                    break
+        for ring in guest.rings:
+            expected |= pages(ring.used, 6 + 8 * guest.num)
+        wait_until(lambda: logged(log_map) == expected, what="the log to hold every page written")
+        assert logged(log_map) == expected
+        # the front-end ends the migration: nothing more is logged
+        start_logging(guest, log_fd, size, on=False)
+        log_map[:] = bytes(size)
+        guest.post_rx(4, size=1536)
+        inject(server, frames)
+        frames_in(guest, 2)
+        assert logged(log_map) == set()
+        log_map.close()
+    finally:
+        os.close(log_fd)
+
+
+def test_device_state_moves_what_we_know_of_the_guest(server: Server) -> None:
+    guest = started(server, server.connect())
+    guest.post_rx(4, size=1536)
+    guest.send_frame(arp_request(GW4))                       # we learn the guest's MAC
+    frames_in(guest, 1)
+    source = server.call(lambda: server.session.conn.guest)
+    assert source.mac == bytes.fromhex("525400123456")
+    r, w = os.pipe()
+    reply = guest.fe.call(Req.SET_DEVICE_STATE_FD, DEVICE_STATE.pack(0, 0), [w],
+                          need_reply=False)
+    assert U64.unpack(reply) == (1 << 8,)                    # it writes into our pipe
+    state = b""
+    while chunk := os.read(r, 4096):                         # and closes it when done
+        state += chunk
+    os.close(r)
+    assert guest.fe.u64(Req.CHECK_DEVICE_STATE) == 0
+    assert len(state) == migration.STATE_SIZE
+    guest.close()
+    wait_until(lambda: server.session.conn is None, what="the first front-end to go")
+
+    def load(data: bytes) -> tuple[int, object]:
+        g = server.connect()
+        try:
+            g.negotiate()
+            r, w = os.pipe()
+            assert U64.unpack(g.fe.call(Req.SET_DEVICE_STATE_FD, DEVICE_STATE.pack(1, 0), [r],
+                                        need_reply=False)) == (1 << 8,)
+            os.write(w, data)
+            os.close(w)
+            status = g.fe.u64(Req.CHECK_DEVICE_STATE)
+            return status, server.call(lambda: server.session.conn.guest)
+        finally:
+            g.close()
+            wait_until(lambda: server.session.conn is None, what="the front-end to go")
+
+    status, dest = load(state)
+    assert status == 0
+    assert (dest.mac, dest.mac_seen, dest.addr4, dest.addr6) == (
+        source.mac, True, source.addr4, source.addr6)
+    # a state that is not ours fails the check and changes nothing
+    bad = bytearray(state)
+    bad[16] |= 1                                             # a multicast MAC
+    for data in (b"", state[:-1], state + b"x", b"x" + state[1:], bytes(bad)):
+        status, dest = load(data)
+        assert status != 0, data
+        assert not dest.mac_seen

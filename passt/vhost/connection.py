@@ -35,6 +35,7 @@ from common.guest import GuestState
 from common.loop import IN, Loop
 from common.mapping import AddressMap
 from common.pcap import Pcap
+from passt.vhost import migration
 from passt.vhost import protocol as P
 from passt.vhost.device import VhostUserDevice
 from passt.vhost.protocol import Message, ProtocolError
@@ -61,7 +62,12 @@ class VhostUserConnection:
         self.pcap = pcap
         self.on_gone = on_gone or (lambda: None)
         self.on_dataplane = on_dataplane or (lambda _dp: None)
-        self.device = VhostUserDevice(on_change=self._changed)
+        # what we learn of the guest outlives a data plane (the driver may change its
+        # features, the rings restart) and moves with the guest when it migrates
+        self.guest = GuestState(conf)
+        self.device = VhostUserDevice(on_change=self._changed,
+                                      save_state=lambda: migration.save(self.guest),
+                                      load_state=lambda data: migration.load(data, self.guest))
         self.tap: VhostUserTap | None = None
         self.dataplane: DataPlane | None = None
         self._buf = bytearray(P.HEADER_SIZE + P.PAYLOAD_MAX)
@@ -160,8 +166,8 @@ class VhostUserConnection:
                          "vhost-user: the guest's driver changed its features: flows start over")
             self._stop_dataplane()
         self.tap = VhostUserTap(dev, self.loop, self.pcap)
-        self.dataplane = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf),
-                                   self.addrmap, gate=self.gate)
+        self.dataplane = DataPlane(self.conf, self.loop, self.tap, self.guest, self.addrmap,
+                                   gate=self.gate)
         self.dataplane.on_tap_gone = lambda: None      # the control socket says when
         self.dataplane.start()
         self.device.limited.log("link up", logging.INFO,

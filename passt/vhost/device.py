@@ -11,10 +11,12 @@ What we offer: VIRTIO 1.x with split rings, event index, indirect
 descriptors, mergeable receive buffers, and checksum and TCP segmentation
 offload both ways (CSUM/HOST_TSO4/HOST_TSO6: the guest may send partial
 checksums and 64 KiB TCP segments; GUEST_CSUM/GUEST_TSO4/GUEST_TSO6: we may
-send them).  Protocol features: REPLY_ACK and RESET_DEVICE.  Not offered,
-and refused if asked anyway: multiqueue, dirty logging and device state
-(live migration), the back-end request channel, in-band notifications,
-IOMMU, packed rings, configuration space.
+send them).  Protocol features: REPLY_ACK, RESET_DEVICE, and for live
+migration LOG_SHMFD (with the LOG_ALL feature: the pages we write are logged
+in a bitmap the front-end shares, see `dirtylog`) and DEVICE_STATE (what we
+know of the guest goes from one back-end to the next, see `migration`).  Not
+offered, and refused if asked anyway: multiqueue, the back-end request
+channel, in-band notifications, IOMMU, packed rings, configuration space.
 
 Ring states follow the specification: a ring starts when it gets a kick
 eventfd and stops at GET_VRING_BASE; it is enabled at start when
@@ -38,6 +40,7 @@ from collections.abc import Callable
 
 from common.ratelimit import RateLimited
 from passt.vhost import protocol as P
+from passt.vhost.dirtylog import DirtyLog, LogMapError
 from passt.vhost.memory import GuestMemory, MemoryMapError
 from passt.vhost.protocol import PF, F, Message, Req, bits
 from passt.vhost.virtqueue import RingError, Virtqueue
@@ -49,14 +52,19 @@ QUEUES = 2
 
 FEATURES = bits(F.NET_CSUM, F.NET_GUEST_CSUM, F.NET_GUEST_TSO4, F.NET_GUEST_TSO6,
                 F.NET_HOST_TSO4, F.NET_HOST_TSO6, F.NET_MRG_RXBUF, F.ANY_LAYOUT,
-                F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.PROTOCOL_FEATURES, F.VERSION_1)
-PROTOCOL_FEATURES = bits(PF.REPLY_ACK, PF.RESET_DEVICE)
+                F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.PROTOCOL_FEATURES, F.VERSION_1,
+                F.LOG_ALL)
+PROTOCOL_FEATURES = bits(PF.REPLY_ACK, PF.RESET_DEVICE, PF.LOG_SHMFD, PF.DEVICE_STATE)
+TRANSFER_SAVE, TRANSFER_LOAD = 0, 1      # SET_DEVICE_STATE_FD directions
+PHASE_STOPPED = 0                        # the only migration phase defined
+STATE_MAX = 1 << 16                      # a device state larger than this is refused
 MAX_MEM_SLOTS = 8
 
 # requests that always have a reply of their own
 _OWN_REPLY = frozenset((Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_VRING_BASE,
                         Req.GET_QUEUE_NUM, Req.GET_CONFIG, Req.GET_MAX_MEM_SLOTS,
-                        Req.GET_STATUS, Req.CHECK_DEVICE_STATE, Req.SET_DEVICE_STATE_FD))
+                        Req.GET_STATUS, Req.CHECK_DEVICE_STATE, Req.SET_DEVICE_STATE_FD,
+                        Req.SET_LOG_BASE))
 
 
 class Failed(Exception):
@@ -64,7 +72,11 @@ class Failed(Exception):
 
 
 class VhostUserDevice:
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None,
+                 save_state: Callable[[], bytes] | None = None,
+                 load_state: Callable[[bytes], None] | None = None) -> None:
+        """`save_state`/`load_state`: the device state for migration, made and taken by
+        the owner (`load_state` raises ValueError for a state it refuses)."""
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -75,6 +87,12 @@ class VhostUserDevice:
         self.queues = [Virtqueue(i, self.limited) for i in range(QUEUES)]
         self.epoll = select.epoll()           # kick eventfds of started queues
         self.on_change = on_change or (lambda: None)
+        self.save_state = save_state or (lambda: b"")
+        self.load_state = load_state or (lambda _data: None)
+        self.log: DirtyLog | None = None
+        self._log_call: int | None = None     # SET_LOG_FD before SET_LOG_BASE
+        self._state_in: int | None = None     # the pipe a state to load comes through
+        self._state_result = 0                # what CHECK_DEVICE_STATE reports
         self.messages = 0
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             Req.GET_FEATURES: self._get_features,
@@ -96,6 +114,10 @@ class VhostUserDevice:
             Req.GET_CONFIG: self._get_config,
             Req.RESET_DEVICE: self._reset_device,
             Req.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Req.SET_LOG_BASE: self._set_log_base,
+            Req.SET_LOG_FD: self._set_log_fd,
+            Req.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Req.CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     # ------------------------------------------------------------ what the data plane asks
@@ -165,9 +187,13 @@ class VhostUserDevice:
             raise Failed(f"features {value & ~FEATURES:#x} were not offered")
         if value & (1 << F.VERSION_1) == 0 and value & (1 << F.RING_EVENT_IDX):
             log.debug("vhost-user: legacy driver")
+        logging_before = self.has(F.LOG_ALL)
         self.features = value
         self.limited.log("features", logging.INFO, "vhost-user: features %#x (%s)", value,
                      describe_features(value))
+        if self.has(F.LOG_ALL) != logging_before:
+            log.info("vhost-user: dirty page logging %s", "on" if self.has(F.LOG_ALL) else "off")
+        self._attach_log()
         self._remap()
 
     def _set_owner(self, _msg: Message) -> None:
@@ -206,9 +232,9 @@ class VhostUserDevice:
             self._map_queue(q)            # a running ring of another size: views anew
 
     def _set_vring_addr(self, msg: Message) -> None:
-        index, _flags, desc, used, avail, _log = msg.addr()
+        index, flags, desc, used, avail, log_used = msg.addr()
         q = self._queue(index)
-        q.set_addr(desc, used, avail)
+        q.set_addr(desc, used, avail, log_used if flags & P.VRING_F_LOG else -1)
         if q.started:
             self._map_queue(q)
 
@@ -319,6 +345,115 @@ class VhostUserDevice:
     def _get_max_mem_slots(self, _msg: Message) -> bytes:
         return P.U64.pack(MAX_MEM_SLOTS)
 
+    # ------------------------------------------------------------ migration
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        size, offset = msg.log()
+        fds = msg.take_fds()
+        try:
+            if len(fds) != 1:
+                raise Failed(f"{len(fds)} descriptors, expected one")
+            try:
+                new = DirtyLog(fds[0], size, offset)
+            except LogMapError as exc:
+                raise Failed(str(exc)) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if self.log is not None:
+            new.call_fd, self.log.call_fd = self.log.call_fd, None
+            self.log.close()
+        elif self._log_call is not None:
+            new.call_fd, self._log_call = self._log_call, None
+        self.log = new
+        log.debug("vhost-user: dirty log of %d bytes", size)
+        self._attach_log()
+        return P.U64.pack(0)              # with LOG_SHMFD the front-end waits for a reply
+
+    def _set_log_fd(self, msg: Message) -> None:
+        fds = msg.take_fds()
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise Failed(f"{len(fds)} descriptors, expected one")
+        if self.log is not None:
+            if self.log.call_fd is not None:
+                os.close(self.log.call_fd)
+            self.log.call_fd = fds[0]
+        else:
+            if self._log_call is not None:
+                os.close(self._log_call)
+            self._log_call = fds[0]
+
+    def _attach_log(self) -> None:
+        current = self.log if self.has(F.LOG_ALL) else None
+        for q in self.queues:
+            q.log = current
+
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        direction, phase = msg.transfer()
+        fds = msg.take_fds()
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise Failed(f"{len(fds)} descriptors, expected one")
+        fd = fds[0]
+        if phase != PHASE_STOPPED or direction not in (TRANSFER_SAVE, TRANSFER_LOAD):
+            os.close(fd)
+            raise Failed(f"transfer direction {direction}, phase {phase}")
+        self._close_state_in()
+        if direction == TRANSFER_SAVE:
+            self._state_result = self._write_state(fd)
+        else:
+            self._state_in = fd           # read at CHECK_DEVICE_STATE: the front-end
+            self._state_result = 0        # writes it all and closes its end before that
+        return P.U64.pack(P.VRING_NOFD_MASK)    # we use its pipe, we pass no other
+
+    def _write_state(self, fd: int) -> int:
+        try:
+            data = memoryview(self.save_state())
+            os.set_blocking(fd, False)
+            while data:
+                data = data[os.write(fd, data):]
+            log.info("vhost-user: device state saved for migration")
+            return 0
+        except OSError as exc:
+            log.error("vhost-user: cannot write the device state: %s", exc.strerror or exc)
+            return 1
+        finally:
+            os.close(fd)
+
+    def _check_device_state(self, _msg: Message) -> bytes:
+        if self._state_in is not None:
+            self._state_result = self._read_state(self._state_in)
+            self._close_state_in()
+        return P.U64.pack(self._state_result)
+
+    def _read_state(self, fd: int) -> int:
+        chunks = []
+        total = 0
+        try:
+            os.set_blocking(fd, False)
+            while chunk := os.read(fd, 4096):
+                total += len(chunk)
+                if total > STATE_MAX:
+                    raise ValueError(f"more than {STATE_MAX} bytes")
+                chunks.append(chunk)
+            self.load_state(b"".join(chunks))
+        except BlockingIOError:
+            log.error("vhost-user: the device state was not all there when checked")
+            return 1
+        except (OSError, ValueError) as exc:
+            log.error("vhost-user: device state refused: %s", exc)
+            return 1
+        log.info("vhost-user: device state loaded (%d bytes)", total)
+        return 0
+
+    def _close_state_in(self) -> None:
+        if self._state_in is not None:
+            os.close(self._state_in)
+            self._state_in = None
+
     # ------------------------------------------------------------ rings
 
     def _map_queue(self, q: Virtqueue) -> None:
@@ -356,6 +491,14 @@ class VhostUserDevice:
         self.protocol_features = 0
         self.mem.close()
         self.mem = GuestMemory()
+        self._attach_log()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self._log_call is not None:
+            os.close(self._log_call)
+            self._log_call = None
+        self._close_state_in()
 
     def close(self) -> None:
         self.reset()
@@ -367,7 +510,7 @@ _NAMES = {F.NET_CSUM: "csum", F.NET_GUEST_CSUM: "guest_csum", F.NET_GUEST_TSO4: 
           F.NET_HOST_TSO6: "host_tso6", F.NET_MRG_RXBUF: "mrg_rxbuf",
           F.RING_INDIRECT_DESC: "indirect_desc", F.RING_EVENT_IDX: "event_idx",
           F.PROTOCOL_FEATURES: "protocol_features", F.VERSION_1: "version_1",
-          F.ANY_LAYOUT: "any_layout"}
+          F.ANY_LAYOUT: "any_layout", F.LOG_ALL: "log_all"}
 
 
 def describe_features(value: int) -> str:

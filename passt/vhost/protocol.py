@@ -31,9 +31,11 @@ MEM_HEADER = struct.Struct("=II")            # nregions, padding
 REGION = struct.Struct("=QQQQ")              # guest address, size, user address, mmap offset
 CONFIG_HEADER = struct.Struct("=III")        # offset, size, flags
 DEVICE_STATE = struct.Struct("=II")          # transfer direction, migration phase
+LOG = struct.Struct("=QQ")                   # dirty log: mmap size, mmap offset
 
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
+VRING_F_LOG = 1 << 0                         # SET_VRING_ADDR flags: log the used ring's writes
 
 
 # front-end requests
@@ -174,6 +176,20 @@ class Message:
             raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, "
                                 f"need {ADDR.size}")
         return ADDR.unpack_from(self.payload)
+
+    def log(self) -> tuple[int, int]:
+        """SET_LOG_BASE: (mmap size, mmap offset) of the dirty log."""
+        if len(self.payload) < LOG.size:
+            raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, "
+                                f"need {LOG.size}")
+        return LOG.unpack_from(self.payload)
+
+    def transfer(self) -> tuple[int, int]:
+        """SET_DEVICE_STATE_FD: (direction, phase)."""
+        if len(self.payload) < DEVICE_STATE.size:
+            raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, "
+                                f"need {DEVICE_STATE.size}")
+        return DEVICE_STATE.unpack_from(self.payload)
 
     def regions(self) -> list[tuple[int, int, int, int]]:
         """SET_MEM_TABLE: (guest address, size, user address, mmap offset) per region."""

@@ -30,6 +30,10 @@ publishing an index and reading the other side's event field a full memory
 barrier is needed (the driver does the mirror image).  Python has no fence;
 acquiring and releasing a lock executes a locked instruction, which on x86
 (the only host this supports, see `vhost.device`) is a full barrier.
+
+While the front-end migrates the guest (`log` set, see `vhost.dirtylog`),
+every guest page we write is logged after the write: receive buffers as they
+are given back, the used ring at each publish and request for kicks.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 import struct
 
 from common.ratelimit import RateLimited
+from passt.vhost.dirtylog import DirtyLog
 from passt.vhost.memory import BadAddress, GuestMemory
 
 log = logging.getLogger("vhost")
@@ -81,12 +86,14 @@ class Virtqueue:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
+        self.log: DirtyLog | None = None      # set by the device while LOG_ALL is on
         self.reset()
 
     def reset(self) -> None:
         """Forget the configuration (not the descriptors: see `close_fds`)."""
         self.num = 0
         self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_used = -1             # guest physical address of the used ring, to log
         self.addr_set = False
         self.last_avail = 0
         self.seen = 0                  # the available index at the last look
@@ -124,8 +131,11 @@ class Virtqueue:
             raise RingError(f"queue size {num} (a power of two up to {QUEUE_SIZE_MAX})")
         self.num = num
 
-    def set_addr(self, desc: int, used: int, avail: int) -> None:
+    def set_addr(self, desc: int, used: int, avail: int, log_used: int = -1) -> None:
+        """Ring addresses (front-end's user addresses); `log_used`: the used ring's guest
+        physical address when the front-end wants its writes logged, else -1."""
         self.desc_addr, self.used_addr, self.avail_addr = desc, used, avail
+        self.log_used = log_used
         self.addr_set = True
 
     @property
@@ -432,6 +442,8 @@ class Virtqueue:
             _U16.pack_into(first_view, first_off + 10, k)
         self.last_avail = (last + k) & 0xFFFF
         self.used_idx = (used + k) & 0xFFFF
+        if self.log is not None:
+            self._log_filled(used, k)
         return k
 
     # ------------------------------------------------------------ used ring
@@ -443,9 +455,43 @@ class Virtqueue:
         ui[1 + 2 * slot] = head
         ui[2 + 2 * slot] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if self.log is not None and length:
+            self._log_chain(head, length)
 
     def publish(self) -> None:
         self._used_h[1] = self.used_idx
+        if self.log is not None:
+            self._log_used_ring()
+
+    # ------------------------------------------------------------ dirty logging
+
+    def _log_filled(self, used: int, count: int) -> None:
+        """`fill` took single-descriptor buffers: each used entry names one guest range."""
+        mask = self.num - 1
+        ui, dq, mark = self._used_i, self._dq, self.log.mark
+        for k in range(count):
+            slot = (used + k) & mask
+            mark(dq[2 * ui[1 + 2 * slot]], ui[2 + 2 * slot])
+
+    def _log_chain(self, head: int, length: int) -> None:
+        """The first `length` bytes of `head`'s buffer were written: log their pages."""
+        pieces: list[Piece] = []
+        try:
+            self.chain(head, pieces, True)
+        except RingError:
+            return            # the guest rewrote the chain since: its own pages, its loss
+        bases = {id(view): start for start, _end, view in self.mem.spans}
+        mark = self.log.mark
+        for view, off, n in pieces:
+            if length <= 0:
+                break
+            mark(bases[id(view)] + off, min(n, length))
+            length -= n
+
+    def _log_used_ring(self) -> None:
+        if self.log_used >= 0:
+            self.log.mark(self.log_used, 4 + 8 * self.num + (2 if self.event_idx else 0))
+        self.log.written()
 
     def notify(self) -> bool:
         """Signal the call eventfd if the driver wants to hear about what we published."""
@@ -487,6 +533,8 @@ class Virtqueue:
             self._used_h[2 + 4 * self.num] = at
         else:
             self._used_h[0] = 0
+        if self.log is not None:
+            self._log_used_ring()
         fence()
         return self._avail[1] != at
 
@@ -494,6 +542,8 @@ class Virtqueue:
         """We will look at the ring anyway: the driver need not kick (advisory)."""
         if not self.event_idx:
             self._used_h[0] = USED_F_NO_NOTIFY
+            if self.log is not None:
+                self._log_used_ring()
         # with EVENT_IDX an old avail_event already lies behind the driver's index
 
     def fail(self, exc: Exception) -> None:
