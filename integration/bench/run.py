@@ -109,10 +109,17 @@ def run_peers(peers: str, pasta: str, mtu: int, args: argparse.Namespace, out: P
     return json.loads((out / f"peers-mtu{mtu}.json").read_text())
 
 
+def bench_python() -> str:
+    """Our install's interpreter: the benchmarks below import our packages (and theirs,
+    python-prctl, pyroute2), which the python3 that runs this script may not have."""
+    exe = Path(os.environ.get("PASST_PY_PREFIX", "/opt/passt-py")) / "bin" / "python"
+    return str(exe) if exe.exists() else sys.executable
+
+
 def run_json(script: str, extra: list[str], out: Path, name: str) -> dict | list | None:
     """One of this directory's benchmarks, its JSON; None (and a note) if it failed."""
     dest = out / f"{name}.json"
-    cmd = [sys.executable, str(HERE / script), *extra, "--json", str(dest)]
+    cmd = [bench_python(), str(HERE / script), *extra, "--json", str(dest)]
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         print(f"bench: {script} failed: its rows are left out", file=sys.stderr)
