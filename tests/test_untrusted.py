@@ -10,6 +10,7 @@ than the descriptors we may open.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import resource
@@ -17,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -30,7 +32,17 @@ from common.packet.frames import udp4_frame, udp6_frame
 from common.packet.tcp import ACK, RST, SYN, TcpOptions
 from common.tap import StreamTap
 from common.tcp.handler import PUSH_BATCH
-from tests.support import GUEST_LL, GUEST_MAC, GW4, HOST4, OUR_MAC, FakeTap, make_conf, spin
+from tests.support import (
+    GUEST_LL,
+    GUEST_MAC,
+    GW4,
+    HOST4,
+    OUR_MAC,
+    FakeTap,
+    make_conf,
+    spin,
+    wait_until,
+)
 from tests.test_tcp_handler import ISN, Guest, establish
 
 ALL_DHCP = socket.inet_pton(socket.AF_INET6, "ff02::1:2")
@@ -239,7 +251,10 @@ def test_a_flow_with_much_to_send_leaves_room_for_another(server):
             a, _ = srv.accept()
             b, _ = srv.accept()
             a.sendall(os.urandom(1 << 20))
-            time.sleep(0.05)                     # A's megabyte is in our socket's queue
+            # A's megabyte is in our socket's queue: nothing left unsent or unacknowledged
+            wait_until(lambda: not struct.unpack("i", fcntl.ioctl(a, termios.TIOCOUTQ,
+                                                                  bytes(4)))[0],
+                       what="A's data to reach our socket")
             b.sendall(b"B's few bytes")
             t0 = time.monotonic()
             first_b = None
