@@ -90,7 +90,7 @@ class VhostUserDevice:
         self.save_state = save_state or (lambda: b"")
         self.load_state = load_state or (lambda _data: None)
         self.log: DirtyLog | None = None
-        self._log_call: int | None = None     # SET_LOG_FD before SET_LOG_BASE
+        self._log_call: int | None = None     # SET_LOG_FD's eventfd (the log only uses it)
         self._state_in: int | None = None     # the pipe a state to load comes through
         self._state_result = 0                # what CHECK_DEVICE_STATE reports
         self.messages = 0
@@ -269,12 +269,7 @@ class VhostUserDevice:
         q = self._queue(value & P.VRING_IDX_MASK)
         if value & P.VRING_NOFD_MASK:
             return q, None
-        fds = msg.take_fds()
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise Failed(f"{len(fds)} descriptors, expected one")
-        return q, fds[0]
+        return q, _one_fd(msg)
 
     def _set_vring_kick(self, msg: Message) -> None:
         q, fd = self._vring_fd(msg)
@@ -349,41 +344,28 @@ class VhostUserDevice:
 
     def _set_log_base(self, msg: Message) -> bytes:
         size, offset = msg.log()
-        fds = msg.take_fds()
+        fd = _one_fd(msg)
         try:
-            if len(fds) != 1:
-                raise Failed(f"{len(fds)} descriptors, expected one")
-            try:
-                new = DirtyLog(fds[0], size, offset)
-            except LogMapError as exc:
-                raise Failed(str(exc)) from None
+            new = DirtyLog(fd, size, offset)
+        except LogMapError as exc:
+            raise Failed(str(exc)) from None
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(fd)                  # the mapping keeps what it needs
         if self.log is not None:
-            new.call_fd, self.log.call_fd = self.log.call_fd, None
             self.log.close()
-        elif self._log_call is not None:
-            new.call_fd, self._log_call = self._log_call, None
+        new.call_fd = self._log_call
         self.log = new
         log.debug("vhost-user: dirty log of %d bytes", size)
         self._attach_log()
         return P.U64.pack(0)              # with LOG_SHMFD the front-end waits for a reply
 
     def _set_log_fd(self, msg: Message) -> None:
-        fds = msg.take_fds()
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise Failed(f"{len(fds)} descriptors, expected one")
+        fd = _one_fd(msg)
+        if self._log_call is not None:
+            os.close(self._log_call)
+        self._log_call = fd
         if self.log is not None:
-            if self.log.call_fd is not None:
-                os.close(self.log.call_fd)
-            self.log.call_fd = fds[0]
-        else:
-            if self._log_call is not None:
-                os.close(self._log_call)
-            self._log_call = fds[0]
+            self.log.call_fd = fd
 
     def _attach_log(self) -> None:
         current = self.log if self.has(F.LOG_ALL) else None
@@ -392,12 +374,7 @@ class VhostUserDevice:
 
     def _set_device_state_fd(self, msg: Message) -> bytes:
         direction, phase = msg.transfer()
-        fds = msg.take_fds()
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise Failed(f"{len(fds)} descriptors, expected one")
-        fd = fds[0]
+        fd = _one_fd(msg)
         if phase != PHASE_STOPPED or direction not in (TRANSFER_SAVE, TRANSFER_LOAD):
             os.close(fd)
             raise Failed(f"transfer direction {direction}, phase {phase}")
@@ -503,6 +480,16 @@ class VhostUserDevice:
     def close(self) -> None:
         self.reset()
         self.epoll.close()
+
+
+def _one_fd(msg: Message) -> int:
+    """The one descriptor `msg` must carry, now ours; Failed (all closed) otherwise."""
+    fds = msg.take_fds()
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise Failed(f"{len(fds)} descriptors, expected one")
+    return fds[0]
 
 
 _NAMES = {F.NET_CSUM: "csum", F.NET_GUEST_CSUM: "guest_csum", F.NET_GUEST_TSO4: "guest_tso4",

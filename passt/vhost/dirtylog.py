@@ -38,7 +38,8 @@ class DirtyLog:
             raise LogMapError(f"cannot map the log ({size} bytes): {exc}") from None
         self.view = memoryview(self._map)
         self.size = size
-        self.call_fd: int | None = None   # SET_LOG_FD: told after each batch of marks
+        self.call_fd: int | None = None   # SET_LOG_FD's eventfd (the device's): told after
+                                          # each batch of marks
         self.marks = 0
 
     def mark(self, addr: int, length: int) -> None:
@@ -65,6 +66,3 @@ class DirtyLog:
     def close(self) -> None:
         self.view.release()
         self._map.close()
-        if self.call_fd is not None:
-            os.close(self.call_fd)
-            self.call_fd = None
