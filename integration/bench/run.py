@@ -83,11 +83,14 @@ def find_peers(explicit: str | None) -> str:
     sys.exit("bench: peers.py not found (--peers PATH or $PEERS_PY)")
 
 
+def our_prefix() -> Path:
+    return Path(os.environ.get("PASST_PY_PREFIX", "/opt/passt-py"))
+
+
 def our_pasta(explicit: str | None) -> str:
     if explicit:
         return explicit
-    prefix = os.environ.get("PASST_PY_PREFIX", "/opt/passt-py")
-    exe = Path(prefix) / "bin" / "pasta"
+    exe = our_prefix() / "bin" / "pasta"
     if not exe.exists():
         sys.exit(f"bench: {exe} not found (tools/install.sh, --pasta or $PASST_PY_PREFIX)")
     return str(exe)
@@ -112,7 +115,7 @@ def run_peers(peers: str, pasta: str, mtu: int, args: argparse.Namespace, out: P
 def bench_python() -> str:
     """Our install's interpreter: the benchmarks below import our packages (and theirs,
     python-prctl, pyroute2), which the python3 that runs this script may not have."""
-    exe = Path(os.environ.get("PASST_PY_PREFIX", "/opt/passt-py")) / "bin" / "python"
+    exe = our_prefix() / "bin" / "python"
     return str(exe) if exe.exists() else sys.executable
 
 
