@@ -111,7 +111,7 @@ def server():
     s.close()
 
 
-def establish(g: Guest, port: int) -> tuple[int, socket.socket | None]:
+def establish(g: Guest, port: int) -> int:
     """Three-way handshake from the guest; returns our ISN."""
     g.send(port, ISN, 0, SYN, options=TcpOptions(mss=1460, wscale=7))
     g.run()
@@ -122,12 +122,18 @@ def establish(g: Guest, port: int) -> tuple[int, socket.socket | None]:
     return synack.seq
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_handshake_data_both_ways_and_close(guest, server, offload):
-    g = guest(offload)
+def connected(g: Guest, server: socket.socket) -> tuple[Guest, int, int, socket.socket]:
+    """A connection the guest opened to `server`, handshake done: the guest, the
+    server's port, our ISN and the host side's accepted socket."""
     port = server.getsockname()[1]
     isn = establish(g, port)
     peer, _ = server.accept()
+    return g, port, isn, peer
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_handshake_data_both_ways_and_close(guest, server, offload):
+    g, port, isn, peer = connected(guest(offload), server)
     peer.settimeout(2)
     # guest -> host: delivered, and acknowledged once the socket took it
     g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hello host")
@@ -196,10 +202,7 @@ def test_unknown_segment_gets_rst(guest):
 
 
 def test_out_of_order_and_retransmitted_segments_get_immediate_acks(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.frames()
     g.send(port, ISN + 1 + 100, isn + 1, ACK, b"later")        # a gap before it
     (dup, _), = g.frames()
@@ -214,10 +217,7 @@ def test_out_of_order_and_retransmitted_segments_get_immediate_acks(guest, serve
 
 
 def test_three_duplicate_acks_resend_only_the_hole(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     peer.sendall(os.urandom(300_000))
     g.run(0.1)
     sent = [(t.seq, p) for t, p in g.frames() if p]
@@ -233,10 +233,7 @@ def test_three_duplicate_acks_resend_only_the_hole(guest, server):
 
 
 def test_guest_rst_resets_the_host_side(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     peer.settimeout(2)
     g.send(port, ISN + 1, isn + 1, RST | ACK)
     with pytest.raises(ConnectionResetError):
@@ -245,10 +242,7 @@ def test_guest_rst_resets_the_host_side(guest, server):
 
 
 def test_host_reset_resets_the_guest(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.frames()
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()
@@ -283,10 +277,7 @@ def read_exactly(peer: socket.socket, expected: int) -> None:
 def test_zero_window_then_update_when_the_socket_drains(guest, server):
     """The host side stops reading: our window shrinks to nothing, and reopens with an
     update once the reader catches up (no guest retransmission needed to learn it)."""
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     seq = shut_our_window(g, port, isn, peer)
     read_exactly(peer, seq - (ISN + 1))
     got = g.until(lambda f: any(t.window > 0 for t, _ in f), what="the window update")
@@ -297,10 +288,7 @@ def test_zero_window_then_update_when_the_socket_drains(guest, server):
 
 def test_a_keepalive_probe_gets_an_ack(guest, server):
     """Keep-alives carry rcv_nxt - 1 and no data; unanswered, the guest gives up."""
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.send(port, ISN + 1, isn + 1, ACK, b"hello")
     g.run()
     g.frames()
@@ -313,10 +301,7 @@ def test_a_keepalive_probe_gets_an_ack(guest, server):
 
 
 def test_a_lost_window_update_is_repeated_for_the_zero_window_probe(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     seq = shut_our_window(g, port, isn, peer)
     read_exactly(peer, seq - (ISN + 1))
     g.until(lambda f: any(t.window > 0 for t, _ in f))  # the window update: lost on the way
@@ -328,10 +313,7 @@ def test_a_lost_window_update_is_repeated_for_the_zero_window_probe(guest, serve
 
 def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
     """The guest's window update can be lost too: we persist with zero-window probes."""
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.send(port, ISN + 1, isn + 1, ACK, window=0)              # the guest's buffer is full
     peer.sendall(b"x" * 5000)
     g.run(0.05)
@@ -346,10 +328,7 @@ def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
 
 
 def test_a_small_segments_ack_is_delayed_a_full_ones_is_not(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.frames()
     g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")          # small: the ACK may wait
     assert g.frames() == []
@@ -362,10 +341,7 @@ def test_a_small_segments_ack_is_delayed_a_full_ones_is_not(guest, server):
 
 
 def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     data = os.urandom(3000)
     peer.sendall(data)
     first = g.until(lambda f: sum(len(p) for _, p in f) >= len(data))
@@ -380,10 +356,7 @@ def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatc
 
 
 def test_our_fin_is_retransmitted_until_acknowledged(guest, server):
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     peer.shutdown(socket.SHUT_WR)
     has_fin = lambda f: any(t.flags & FIN for t, _ in f)      # noqa: E731
     fins = [t for t, _ in g.until(has_fin, what="our FIN") if t.flags & FIN]
@@ -401,10 +374,7 @@ def test_our_fin_is_retransmitted_until_acknowledged(guest, server):
 def test_simultaneous_close(guest, server):
     """Both FINs cross on the way: each side acknowledges the other's, and the
     connection is gone with nothing reset."""
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     peer.settimeout(2)
     peer.shutdown(socket.SHUT_WR)
     (fin, _), = [f for f in g.until(lambda f: any(t.flags & FIN for t, _ in f)) if f[0].flags & FIN]
@@ -469,10 +439,7 @@ def test_trace_logs_every_event_and_flag_change(guest, server, monkeypatch, capl
     from common import log as plog
     monkeypatch.setattr(plog, "TRACE_ON", True)
     caplog.set_level(plog.TRACE, logger="tcp")
-    g = guest()
-    port = server.getsockname()[1]
-    isn = establish(g, port)
-    peer, _ = server.accept()
+    g, port, isn, peer = connected(guest(), server)
     g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")
     g.until(bool, what="the delayed ACK")
     said = " ".join(r.getMessage() for r in caplog.records if r.name == "tcp")
