@@ -313,21 +313,21 @@ class TcpListener:
         loop.add(sock.fileno(), IN, self._readable)
 
     def _readable(self, _events: int) -> None:
-        accept = self.sock.accept
+        # one connection per event: the socket is level-triggered, so the loop comes
+        # back for the next one, and we spare the accept() that would fail with EAGAIN
+        try:
+            conn, peer = self.sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in ACCEPT_EXHAUSTED:
+                self._paused = pause_accepting(
+                    self.loop, self.sock.fileno(), self._readable, exc,
+                    f"port {self.sock.getsockname()[1]}")
+            return
         v6 = self.v6
-        for _ in range(64):
-            try:
-                conn, peer = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in ACCEPT_EXHAUSTED:
-                    self._paused = pause_accepting(
-                        self.loop, self.sock.fileno(), self._readable, exc,
-                        f"port {self.sock.getsockname()[1]}")
-                return
-            addr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
-            self.on_accept(conn, addr, peer[1], self.to_port, v6, self.to_addr)
+        addr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
+        self.on_accept(conn, addr, peer[1], self.to_port, v6, self.to_addr)
 
     def close(self) -> None:
         if self._paused is not None:

@@ -89,6 +89,12 @@ class Loop:
             except (OSError, ValueError):
                 pass
 
+    def forget(self, fd: int) -> None:
+        """Forget fd that is about to be closed, without telling epoll: closing a
+        descriptor that was never duplicated takes it out of the epoll set anyway, and
+        that saves a system call per descriptor."""
+        self._handlers.pop(fd, None)
+
     def watching(self, fd: int) -> bool:
         return fd in self._handlers
 

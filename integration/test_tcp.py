@@ -313,3 +313,27 @@ def test_many_short_connections_leave_no_flows(topo, procs, pasta, tmp_path):
     # only the epoll/tap/listener descriptors remain: no socket per finished connection
     wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) < 40, timeout=5, what="sockets closed")
 
+
+
+def test_spliced_connections_one_after_another(topo, procs, pasta, tmp_path):
+    """Pipes of spliced connections that closed cleanly serve the next ones: every
+    connection still gets its own bytes only, both ways, and none is left open."""
+    target = start_pasta(topo, procs, pasta, tmp_path, "-T", str(PORT))
+    pid = int(next(tmp_path.glob("pasta-*.pid")).read_text())
+    for size in (100_000, 3 * MIB + 5):
+        srv = server(procs, topo.host, "127.0.0.1", "sink", size, seed=21, conns=30)
+        for j in range(3):
+            res = client(target, "127.0.0.1", "send", size, seed=21 + 10 * j, parallel=10)
+            assert res["ok"] and res["connections"] == 10, res
+        results = server_results(srv)
+        assert len(results) == 30 and all(r["received"] == size for r in results), results
+        # one at a time, so that the server's n-th payload is the client's n-th seed
+        srv = server(procs, topo.host, "127.0.0.1", "source", size + 1, seed=41, conns=5)
+        for j in range(5):
+            res = client(target, "127.0.0.1", "recv", size + 1, seed=41 + j)
+            assert res["ok"] and res["bytes"] == size + 1, res
+        results = server_results(srv)
+        assert len(results) == 5 and all(r["confirmed"] for r in results), results
+    # the listener, tap, epoll... and at most 8 connections' worth of empty pipes
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) < 40 + 32, timeout=5,
+             what="connections closed")
