@@ -340,6 +340,29 @@ def test_a_small_segments_ack_is_delayed_a_full_ones_is_not(guest, server):
     peer.close()
 
 
+def test_an_answer_and_close_take_one_segment(guest, server):
+    """A request, an answer, the far end closes (connect/request/close): the answer
+    carries the ACK of the request (also the first request after the handshake) and our
+    FIN, so the guest gets one segment; its FIN is answered, and the flow is gone."""
+    g, port, isn, peer = connected(guest(), server)
+    peer.settimeout(2)
+    g.send(port, ISN + 1, isn + 1, ACK | PSH, b"x")
+    assert peer.recv(10) == b"x"
+    assert g.frames() == []                                   # the ACK waits for the answer
+    peer.sendall(b"y")
+    peer.close()
+    (seg, payload), = g.until(bool, what="the answer")
+    assert payload == b"y" and seg.flags == ACK | PSH | FIN
+    assert seg.seq == isn + 1 and seg.ack == ISN + 2
+    g.run(0.1)
+    assert g.frames() == []                                   # no separate FIN, no lone ACK
+    g.send(port, ISN + 2, isn + 3, ACK | FIN)
+    (ack, _), = g.frames()
+    assert ack.flags == ACK and ack.ack == ISN + 3 and ack.seq == isn + 3
+    g.run()
+    assert not g.tcp.conns
+
+
 def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch):
     g, port, isn, peer = connected(guest(), server)
     data = os.urandom(3000)

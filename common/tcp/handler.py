@@ -396,6 +396,8 @@ class TcpHandler:
     def _send_synack(self, conn: TcpConn) -> None:
         wscale = OUR_WSCALE if conn.guest_wscale >= 0 else None
         mss = self.mss6 if conn.v6 else self.mss4
+        conn.ack_sent = conn.rcv_nxt            # it acknowledges the SYN: the first
+        #                                         request's ACK may wait for the answer
         self._send(conn, seq=conn.snd_una, flags=SYN | ACK, window=min(conn.rcv_wnd, 0xFFFF),
                    options=_syn_options(mss, wscale))
 
@@ -743,13 +745,31 @@ class TcpHandler:
                 break
             if dns is not None:
                 self.table.gate.dns_stream(dns, conn.snd_nxt, payload[:got])
-            if not self._send(conn, seq=conn.snd_nxt, flags=ACK | PSH if got < want else ACK,
-                              window=wnd_field, payload=got):
+            flags = ACK | PSH if got < want else ACK
+            end = (conn.snd_nxt + got) & M32
+            # the far end's FIN came after all its data (EPOLLRDHUP): a short read then
+            # took the last byte, and this segment carries our FIN too
+            with_fin = (got < want and conn.events & PEER_FIN
+                        and (not conn.events & SOCK_EOF or conn.fin_seq == end))
+            if with_fin:
+                flags |= FIN
+                if not conn.events & SOCK_EOF:
+                    conn.fin_seq = end
+                    self._event(conn, SOCK_EOF)
+            if not self._send(conn, seq=conn.snd_nxt, flags=flags, window=wnd_field,
+                              payload=got):
                 # the tap did not take it: as if lost, the guest's ACKs will tell
                 self.counters["tap_drop"] += 1
-            conn.snd_nxt = (conn.snd_nxt + got) & M32
+            conn.snd_nxt = end
             conn.ack_sent = conn.rcv_nxt
             room -= got
+            if with_fin:
+                conn.snd_nxt = (end + 1) & M32
+                if conn.events & FIN_SENT:
+                    self._arm_rto(conn)         # again, after a rewind
+                else:
+                    self._event(conn, FIN_SENT)
+                break
             if got < want and not conn.events & PEER_FIN:
                 # the queue is empty for now; a new arrival brings a new event (edge)
                 self._flag(conn, DRAINED)
