@@ -102,6 +102,9 @@ def run_peers(peers: str, pasta: str, mtu: int, args: argparse.Namespace, out: P
            "--json", str(out / f"peers-mtu{mtu}.json"), "--rounds", str(args.rounds)]
     if args.quick:
         cmd.append("--quick")
+    # peers.py stops starting tests after its budget (240 s with --quick, 600 s without),
+    # which with three impls cuts the last round short: give every round its share
+    cmd += ["--budget", str((240 if args.quick else 600) * args.rounds)]
     if args.tests:
         cmd += ["--tests", args.tests]
     if mtu != 65520:
