@@ -69,6 +69,8 @@ PASTA: tuple[Rule, ...] = (
 PASST: tuple[Rule, ...] = (
     # --vhost-user: each front-end connection gets a device of its own
     Rule("epoll_create1", "the vhost-user device's epoll of kick eventfds"),
+    Rule("sendmsg", "vhost-user: a guest TCP payload sent from guest memory, its buffers "
+                    "in one call"),
 )
 
 

@@ -34,6 +34,11 @@ The interface, used by the protocol handlers in `common/`:
   pieces: an abstract kind (`GSO_TCP4`, `GSO_TCP6`) each backend translates
   into its own header, so callers know nothing of virtio.
 - `send_frame(frame)`: the slow path for small frames built as bytes.
+- `payload(frame, start, end)`, optional: a backend whose `read` may leave a
+  TCP segment's payload where it arrived (vhost-user: in guest memory, only
+  the headers copied) has it; frame[start:end] is then only valid through the
+  buffers it returns (for `sendmsg`), during the sink call.  The TCP handler,
+  the one reader of guest TCP payloads, uses it when present.
 """
 
 from __future__ import annotations

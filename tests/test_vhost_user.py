@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from common.packet.frames import build_ipv4_frame
+from common.packet.ipv4 import IPPROTO_TCP
+from common.packet.tcp import ACK, PSH, SYN, TcpOptions, build_tcp4, parse_tcp
 from common.tap import GSO_TCP4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 from passt.vhost import migration
 from passt.vhost.protocol import (
@@ -37,7 +40,7 @@ from passt.vhost.protocol import (
     Req,
 )
 from passt.vhost.session import VhostUserSession
-from tests.support import GW4, make_conf, wait_until
+from tests.support import GUEST_MAC, GW4, HOST4, OUR_MAC, make_conf, parse_frame, wait_until
 from tests.test_passt import (
     arp_request,
     check_arp_reply,
@@ -278,6 +281,55 @@ def test_tx_buffers_split_across_descriptors_regions_and_indirect(server: Server
     # an indirect table of three
     guest.send_frame(arp_request(GW4), split=[12, 7, 0], indirect=True)
     check_arp_reply(frames_in(guest)[0][1], GW4)
+
+
+def test_tcp_payload_is_sent_from_guest_memory(server: Server, guest: Guest) -> None:
+    """A guest TCP segment's payload past its headers stays in the TX buffers and goes to
+    the host socket from there: every byte in order, whatever the buffers' shape."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(5)
+    port = lsock.getsockname()[1]
+    me, gw = socket.inet_aton(HOST4), socket.inet_aton(GW4)
+    guest.post_rx(32)
+
+    def segment(seq: int, ack: int, flags: int, payload: bytes = b"",
+                options: TcpOptions | None = None) -> bytes:
+        l4 = build_tcp4(me, gw, 40000, port, seq, ack, flags, 65535, payload, options)
+        return build_ipv4_frame(OUR_MAC, GUEST_MAC, me, gw, IPPROTO_TCP, l4)
+
+    try:
+        guest.send_frame(segment(1000, 0, SYN, options=TcpOptions(mss=1460, wscale=7)))
+        (_hdr, synack), = frames_in(guest)
+        tcp, _ = parse_tcp(parse_frame(synack)[1])
+        assert tcp.flags == SYN | ACK
+        peer, _ = lsock.accept()
+        peer.settimeout(5)
+        seq, ack = 1001, tcp.seq + 1
+        sent = b""
+        # Ethernet + IPv4 + TCP headers are 54 bytes, the first 146 bytes are copied (the
+        # longest headers), then only the first descriptor: the rest is read in place, its
+        # first piece cut where the copy ended
+        for split, indirect in (([12, 100, 300, 1000, 0], False),
+                                ([12, 54, 400, 0], True),
+                                ([66, 2000, 0], False),
+                                ([30, 0], True),
+                                ([2000, 0], False)):
+            data = os.urandom(3000)
+            guest.send_frame(segment(seq, ack, ACK | PSH, data), split=split, indirect=indirect)
+            seq += len(data)
+            sent += data
+        got = b""
+        while len(got) < len(sent):
+            chunk = peer.recv(65536)
+            assert chunk, "the connection ended early"
+            got += chunk
+        assert got == sent
+        assert server.call(lambda: server.session.conn.tap.payload_in_place) == 5
+        peer.close()
+    finally:
+        lsock.close()
 
 
 def test_guest_header_flags_are_taken_and_bad_sizes_dropped(server: Server,

@@ -147,6 +147,9 @@ class TcpHandler:
         self.mss6 = conf.mtu - 60
         self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
         self.gso = self.writer.can_gso
+        # a backend that leaves payloads where they arrived (see common.tap) hands them
+        # over as buffers for sendmsg, instead of one copy in the frame
+        self._payload = getattr(tap, "payload", None)
         # MSG_TRUNC discards without copying, but recv_into still wants a buffer this
         # large: an anonymous map is never touched, so it costs address space, not memory
         self._discard = memoryview(mmap.mmap(-1, 32 << 20))
@@ -560,7 +563,10 @@ class TcpHandler:
             plen -= skip
         if plen:
             try:
-                sent = conn.sock.send(frame[data:data + plen])
+                if self._payload is None:
+                    sent = conn.sock.send(frame[data:data + plen])
+                else:
+                    sent = conn.sock.sendmsg(self._payload(frame, data, data + plen))
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

@@ -7,8 +7,11 @@ Guest to us (the TX queue): `fileno()` is the device's own epoll set of
 kick eventfds, so one readiness event of the main loop means "some queue
 was kicked".  `read(sink)` drains the TX ring: each buffer's descriptors are
 gathered into one preallocated frame buffer (copying also means the guest
-cannot change a frame while a handler parses it), its virtio-net header is
-skipped (partial checksums and large segments need nothing from us: the
+cannot change a frame while a handler parses it), except a TCP segment's
+payload past its first descriptor and its headers: that stays in guest
+memory and the TCP handler sends it to the socket from there (`payload`,
+`common.tap`'s scatter capability), one copy instead of two; its virtio-net
+header is skipped (partial checksums and large segments need nothing from us: the
 handlers never verify L4 checksums and take segments of any size), and the
 frame goes to `sink`.  The buffers go back in the used ring, published and
 signalled once per drain.  A drain takes at most `TX_BATCH` buffers; if
@@ -56,6 +59,7 @@ log = logging.getLogger("vhost")
 
 TX_BATCH = 256                    # guest buffers per drain before others get a turn
 PENDING_MAX = 4 << 20             # frames waiting for receive buffers, bytes
+HEADERS_MAX = 14 + 60 + 60         # TX: bytes always copied out of guest memory (headers)
 _HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 _NUM_BUFFERS = struct.Struct("<H")
 
@@ -72,10 +76,14 @@ class VhostUserTap:
         self.frames_in = self.frames_out = self.dropped_out = 0
         self.bad_frames = 0               # TX buffers too short or too long for a frame
         self.gso_in = self.gso_out = 0    # large segments from and to the guest
+        self.payload_in_place = 0         # TCP segments whose payload we sent from the ring
         self.peak_queued = 0
         self._rbuf = bytearray(self.hdr_len + FRAME_MAX)
         self._rview = memoryview(self._rbuf)
         self._tx_pieces: list[Piece] = []
+        self._tail: list[Piece] = []      # the payload of the frame being handled, in place
+        self._tail_at = 0                 # where in that frame the tail starts
+        self._iov: list[memoryview] = []
         self._rx_pieces: list[Piece] = []
         self._rx_heads: list[tuple[int, int]] = []   # head, index of its first piece
         self._scratch = bytearray(HEADROOM + FRAME_MAX)
@@ -120,6 +128,8 @@ class VhostUserTap:
         cap = len(buf)
         hdr = self.hdr_len
         pcap = self.pcap
+        # payloads stay in guest memory unless every frame must be seen whole (capture)
+        tail = self._tail if pcap is None else None
         done = 0
         try:
             q.no_kicks()
@@ -134,9 +144,13 @@ class VhostUserTap:
                     n -= 1
                     done += 1
                     head = q.pop()
-                    total = q.gather(head, buf)
+                    if tail:
+                        tail.clear()              # a frame dropped below left its own
+                    total = q.gather(head, buf, tail, 1)     # the first descriptor
                     if total < 0:
                         # not the usual shape: the general walk copies it, or says why not
+                        if tail:
+                            tail.clear()
                         pieces.clear()
                         total = q.chain(head, pieces, False)
                         if total <= cap:
@@ -152,11 +166,18 @@ class VhostUserTap:
                         continue
                     if buf[1]:
                         self.gso_in += 1
+                    if tail:
+                        self._keep_tail(buf, hdr, total)
                     frame = view[hdr:total]
                     self.frames_in += 1
                     if pcap is not None:
                         pcap.write(frame)
-                    sink(frame)
+                    try:
+                        sink(frame)
+                    finally:
+                        if tail:
+                            tail.clear()
+                            self._iov.clear()
                 if done >= TX_BATCH:
                     if q.avail() and q.kick_fd is not None:
                         os.eventfd_write(q.kick_fd, 1)     # come back after the others
@@ -171,9 +192,71 @@ class VhostUserTap:
             raise
         finally:
             pieces.clear()
+            self._tail.clear()
+            self._iov.clear()
             if q.mapped:
                 q.publish()
                 q.notify()
+
+    def _keep_tail(self, buf: bytearray, hdr: int, total: int) -> None:
+        """Leave the tail in guest memory only for a TCP segment (its handler takes the
+        payload through `payload`), once every header is copied; else copy it all now."""
+        tail = self._tail
+        at = total
+        for piece in tail:
+            at -= piece[2]
+        # the longest headers we may read: Ethernet, IPv4 with options, TCP with options
+        want = hdr + HEADERS_MAX if hdr + HEADERS_MAX < total else total
+        while at < want:
+            view, off, length = tail[0]
+            n = want - at if want - at < length else length
+            buf[at:at + n] = view[off:off + n]
+            at += n
+            if n == length:
+                del tail[0]
+            else:
+                tail[0] = (view, off + n, length - n)
+        if not tail:
+            return
+        eth = hdr + 12
+        l4 = 0
+        if buf[eth] == 0x08 and buf[eth + 1] == 0x00:
+            if buf[hdr + 23] == 6:
+                l4 = hdr + 14 + (buf[hdr + 14] & 0x0F) * 4
+        elif buf[eth] == 0x86 and buf[eth + 1] == 0xDD:
+            if buf[hdr + 20] == 6:
+                l4 = hdr + 54
+        if l4 and l4 + 20 <= at and l4 + (buf[l4 + 12] >> 4) * 4 <= at:
+            self._tail_at = at - hdr
+            self.payload_in_place += 1
+            return
+        for view, off, length in tail:
+            buf[at:at + length] = view[off:off + length]
+            at += length
+        tail.clear()
+
+    def payload(self, frame: memoryview, start: int, end: int) -> list[memoryview]:
+        """frame[start:end] as the buffers that hold it (`common.tap`'s optional scatter
+        capability): the copied head, then the tail's pieces of guest memory."""
+        tail = self._tail
+        at = self._tail_at
+        if not tail or end <= at:
+            return [frame[start:end]]
+        iov = self._iov
+        iov.clear()
+        if start < at:
+            iov.append(frame[start:at])
+        pos = at
+        for view, off, length in tail:
+            nxt = pos + length
+            if nxt > start:
+                s = start - pos if start > pos else 0
+                e = end - pos if end < nxt else length
+                iov.append(view[off + s:off + e])
+                if nxt >= end:
+                    break
+            pos = nxt
+        return iov
 
     # ------------------------------------------------------------ us -> guest
 

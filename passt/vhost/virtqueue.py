@@ -222,13 +222,20 @@ class Virtqueue:
                 return 0
         return self._chain_slow(head, pieces, want)
 
-    def gather(self, head: int, buf: bytearray) -> int:
+    def gather(self, head: int, buf: bytearray, tail: list[Piece] | None = None,
+               copy: int = 0) -> int:
         """Copy the device-readable buffer of `head` into `buf`; its length.
 
         The fast path for what drivers send: a chain of descriptors or one
         indirect table of them, each descriptor inside one region.  -1 when
         the buffer is anything else, longer than `buf` or broken: the caller
         then walks it with `chain()`, which says what is wrong.
+
+        With `tail`, only the descriptors that start within the first `copy`
+        bytes are copied; the others are appended to `tail` as (view, offset,
+        length) of guest memory, checked like the rest, for the caller to
+        read in place (Linux sends a segment's headers in the first
+        descriptors and its payload in page fragments after them).
         """
         dh = self._dh
         flags = dh[8 * head + 6]
@@ -261,7 +268,10 @@ class Virtqueue:
                 else:
                     return -1
                 off = addr - start
-                buf[pos:pos + length] = dview[off:off + length]
+                if tail is None or pos < copy:
+                    buf[pos:pos + length] = dview[off:off + length]
+                else:
+                    tail.append((dview, off, length))
                 pos += length
                 if not flags & DESC_F_NEXT:
                     return pos
@@ -284,7 +294,10 @@ class Virtqueue:
             else:
                 return -1
             off = addr - start
-            buf[pos:pos + length] = dview[off:off + length]
+            if tail is None or pos < copy:
+                buf[pos:pos + length] = dview[off:off + length]
+            else:
+                tail.append((dview, off, length))
             pos += length
             if not flags & DESC_F_NEXT:
                 return pos
