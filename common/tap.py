@@ -267,6 +267,7 @@ class StreamTap:
                 end = end - start
                 self._rbuf[:end] = bytes(view[start:self._rend])
                 self._rstart, self._rend = 0, end
+            room = len(view) - end
             try:
                 n = recv_into(view[end:])
             except (BlockingIOError, InterruptedError):
@@ -283,6 +284,10 @@ class StreamTap:
             budget = self._deliver(sink, budget)
             if budget < 0:
                 return False
+            if n < room:
+                # the socket is empty for now: no recv() only to hear EAGAIN, the loop
+                # watches it level-triggered and says when more came
+                break
         return True
 
     @property
