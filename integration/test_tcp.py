@@ -337,3 +337,59 @@ def test_spliced_connections_one_after_another(topo, procs, pasta, tmp_path):
     # the listener, tap, epoll... and at most 8 connections' worth of empty pipes
     wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) < 40 + 32, timeout=5,
              what="connections closed")
+
+
+ECHO = """
+import socket, sys
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+for _ in range(2):
+    c, _ = ls.accept()
+    while True:
+        msg = c.recv(65536)
+        if not msg or msg == b"bye":
+            break
+        c.sendall(msg)
+    c.sendall(b"ok")                       # the last answer, and the end, at once
+    c.close()
+"""
+
+ASK = """
+import os, random, socket, sys, time
+rnd = random.Random(5)
+for split in (False, True):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i in range(300):
+        msg = os.urandom(rnd.choice((1, 2, 17, 255, 256, 1000, 5000)))
+        if split:                          # the second half arrives a moment later
+            s.sendall(msg[:len(msg) // 2])
+            time.sleep(0.0005)
+            s.sendall(msg[len(msg) // 2:])
+        else:
+            s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            d = s.recv(65536)
+            assert d, f"closed at message {i}"
+            got += d
+        assert got == msg, f"message {i} differs"
+    s.sendall(b"bye")
+    assert s.recv(10) == b"ok" and s.recv(10) == b""
+    s.close()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("path", ["splice-ns", "tap-ns"])
+def test_small_requests_and_answers(topo, procs, pasta, tmp_path, path):
+    """Request/response with small messages, some written in two pieces: every answer
+    arrives whole (none waits for a later event), and the last one with the end."""
+    opts, cwho, caddr, swho, saddr = PATHS[path]
+    target = start_pasta(topo, procs, pasta, tmp_path, *opts)
+    srv = procs.start(_ns(topo, target, swho).cmd(PY, "-c", ECHO, saddr[4], str(PORT)),
+                      text=True)
+    assert srv.stdout.readline().strip() == "listening"
+    r = run(_ns(topo, target, cwho).cmd(PY, "-c", ASK, caddr[4], str(PORT)), check=False,
+            timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr

@@ -64,17 +64,23 @@ _LINGER0 = struct.pack("ii", 1, 0)
 MAX_CONNS = 32768              # spliced connections at most (their quota in the table)
 FDS_PER_CONN = 6               # two sockets, two pipes
 PIPE_FDS = 4                   # a connection's two pipes
+PAGE = 4096
+PIPE_BUFS_DEFAULT = 16         # buffers of a pipe we could not resize
 PIPE_POOL = 8                  # sets of empty pipes kept for the next connections
 
 
 class _Dir:
     """One direction: bytes read from `src` wait in the pipe until `dst` takes them."""
-    __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "pending", "eof", "done", "moved")
+    __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "short", "pending", "hup", "eof",
+                 "done", "moved")
 
-    def __init__(self, src: int, dst_sock: socket.socket, pr: int, pw: int) -> None:
+    def __init__(self, src: int, dst_sock: socket.socket, pr: int, pw: int,
+                 short: int) -> None:
         self.src, self.dst, self.dst_sock = src, dst_sock.fileno(), dst_sock
         self.pr, self.pw = pr, pw
+        self.short = short     # a read into the empty pipe shorter than this took all
         self.pending = 0       # bytes in the pipe
+        self.hup = False       # src's end of stream was announced (EPOLLRDHUP/HUP)
         self.eof = False       # src reached end of file
         self.done = False      # dst shut down for writing
         self.moved = 0         # bytes read from src (for the flow log and pesto --flows)
@@ -83,7 +89,7 @@ class _Dir:
 class SpliceConn(Flow):
     """A spliced connection: `inbound`, a is the host's client (-t), else the namespace's
     (-T).  In the flow table once connected (`ends`: guest, host, noted then)."""
-    __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes")
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes", "short")
 
     def __init__(self, a: socket.socket, b: socket.socket, inbound: bool = True,
                  now: float = 0.0) -> None:
@@ -93,17 +99,19 @@ class SpliceConn(Flow):
         self.b = b
         self.connecting = True
         self.pipes: list[int] = []
+        self.short = 0
         self.fwd: _Dir | None = None
         self.rev: _Dir | None = None
 
 
-def _pipe() -> tuple[int, int]:
+def _pipe() -> tuple[int, int, int]:
+    """A pipe (read end, write end) and how many buffers it has."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
-        pass            # over the per-user pipe budget: the default size still works
-    return r, w
+        return r, w, PIPE_BUFS_DEFAULT  # over the per-user pipe budget: still works
+    return r, w, PIPE_SIZE // PAGE
 
 
 LOOPBACK = ("127.0.0.1", "::1")
@@ -130,9 +138,9 @@ class Splicer:
                          quota=MAX_CONNS)
         self.conns: set[SpliceConn] = set()     # connecting or connected
         self.counters: Counter[str] = Counter()
-        # empty pipes of connections that closed cleanly (r1, w1, r2, w2), their
-        # descriptors taken from the budget while they wait here
-        self._pipes: list[list[int]] = []
+        # empty pipes of connections that closed cleanly ([r1, w1, r2, w2], the fewest
+        # buffers of the two), their descriptors taken from the budget while here
+        self._pipes: list[tuple[list[int], int]] = []
 
     # ------------------------------------------------------------ entry points
 
@@ -210,20 +218,23 @@ class Splicer:
             self.counters["connect_fail"] += 1
             self._abort(c)
 
-    def _connected(self, c: SpliceConn) -> None:
+    def _connected(self, c: SpliceConn, events: int = 0) -> None:
+        """connect() completed; `events`: what b's epoll event said, if one told us."""
         if self._pipes:
-            c.pipes = pipes = self._pipes.pop()
+            pipes, short = self._pipes.pop()
+            c.pipes = pipes
             self.table.unreserve(PIPE_FDS)      # the connection's own reservation holds them
             r1, w1, r2, w2 = pipes
         else:
             try:
-                r1, w1 = _pipe()
+                r1, w1, short = _pipe()
             except OSError as exc:
                 log.debug("splice: no pipes: %s", exc)
                 self._abort(c)
                 return
             try:
-                r2, w2 = _pipe()
+                r2, w2, bufs = _pipe()
+                short = min(short, bufs)
             except OSError as exc:
                 os.close(r1)
                 os.close(w1)
@@ -231,8 +242,11 @@ class Splicer:
                 self._abort(c)
                 return
             c.pipes = [r1, w1, r2, w2]
-        c.fwd = _Dir(c.a.fileno(), c.b, r1, w1)
-        c.rev = _Dir(c.b.fileno(), c.a, r2, w2)
+        c.short = short
+        c.fwd = _Dir(c.a.fileno(), c.b, r1, w1, short)
+        c.rev = _Dir(c.b.fileno(), c.a, r2, w2, short)
+        if events & (RDHUP | _HUP):
+            c.rev.hup = True            # that event is spent: it will not come again
         c.connecting = False
         self.counters["opened"] += 1
         self.table.add(c, FDS_PER_CONN, self.gate.forwarded)
@@ -248,6 +262,8 @@ class Splicer:
             self._abort(c)
             return
         if events & (IN | RDHUP | _HUP):
+            if events & (RDHUP | _HUP):
+                c.fwd.hup = True
             self._move(c, c.fwd)
         if not c.closed and events & OUT and c.rev.pending:
             self._move(c, c.rev)
@@ -264,19 +280,22 @@ class Splicer:
                     self.counters["connect_fail"] += 1
                     self._abort(c)
                 else:
-                    self._connected(c)
+                    self._connected(c, events)
             return
         if events & _ERR:
             self._abort(c)
             return
         if events & (IN | RDHUP | _HUP):
+            if events & (RDHUP | _HUP):
+                c.rev.hup = True
             self._move(c, c.rev)
         if not c.closed and events & OUT and c.fwd.pending:
             self._move(c, c.fwd)
 
     def _move(self, c: SpliceConn, d: _Dir) -> None:
-        """Move what src has to dst until one of them would block."""
+        """Move what src has to dst until one of them would block, or src is drained."""
         splice = os.splice
+        took_all = False
         try:
             while True:
                 if d.pending:
@@ -284,12 +303,20 @@ class Splicer:
                     d.pending -= n
                     if d.pending:
                         continue
+                    if took_all:
+                        break
                 if d.eof:
                     break
                 n = splice(d.src, d.pw, PIPE_SIZE, flags=FLAGS)
                 if n == 0:
                     d.eof = True
                     break
+                # A read into an empty pipe stops short of the socket's queue only when
+                # the pipe's buffers ran out (each holds a byte at least): shorter than
+                # that, it took everything, and what comes later brings a new event
+                # (edge-triggered).  So no read that would only fail with EAGAIN, unless
+                # the end of the stream was announced: that event is spent, read to it.
+                took_all = not d.pending and n < d.short and not d.hup
                 d.pending += n
                 d.moved += n
         except BlockingIOError:
@@ -338,7 +365,7 @@ class Splicer:
             if (c.fwd is not None and c.fwd.done and c.rev.done
                     and len(self._pipes) < PIPE_POOL
                     and self.table.fds.take(PIPE_FDS, by_guest=False)):
-                self._pipes.append(pipes)       # both drained: empty, as good as new
+                self._pipes.append((pipes, c.short))    # both drained: empty, as new
             else:
                 for fd in pipes:
                     os.close(fd)
@@ -349,7 +376,7 @@ class Splicer:
             self._abort(c, "exit")
         self.pool.close()
         while self._pipes:
-            for fd in self._pipes.pop():
+            for fd in self._pipes.pop()[0]:
                 os.close(fd)
             self.table.unreserve(PIPE_FDS)
 
