@@ -679,7 +679,9 @@ class TcpHandler:
         conn.last = self.loop.now
         if ev & GUEST_SYN:
             if events & (OUT | _ERR | _HUP):
-                err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                # writable alone means connected; ask why only when it is not
+                err = (conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                       if events & (_ERR | _HUP) else 0)
                 if err:
                     self._connect_failed(conn, err)
                 else:
