@@ -306,6 +306,7 @@ class TcpListener:
         self.loop = loop
         self.sock = sock
         self.v6 = sock.family == socket.AF_INET6
+        self.family = socket.AF_INET6 if self.v6 else socket.AF_INET
         self.to_port = to_port
         self.to_addr = to_addr
         self.on_accept = on_accept
@@ -314,9 +315,11 @@ class TcpListener:
 
     def _readable(self, _events: int) -> None:
         # one connection per event: the socket is level-triggered, so the loop comes
-        # back for the next one, and we spare the accept() that would fail with EAGAIN
+        # back for the next one, and we spare the accept() that would fail with EAGAIN.
+        # socket.accept() is _accept() and this, with two enum conversions more.
         try:
-            conn, peer = self.sock.accept()
+            fd, peer = self.sock._accept()
+            conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         except BlockingIOError:
             return
         except OSError as exc:

@@ -91,10 +91,9 @@ class SpliceConn(Flow):
     (-T).  In the flow table once connected (`ends`: guest, host, noted then)."""
     __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes", "short")
 
-    def __init__(self, a: socket.socket, b: socket.socket, inbound: bool = True,
-                 now: float = 0.0) -> None:
-        super().__init__(TCP_SPLICE, None, a.family == socket.AF_INET6, inbound, now,
-                         (b"", 0))
+    def __init__(self, a: socket.socket, b: socket.socket, inbound: bool, now: float,
+                 v6: bool) -> None:
+        super().__init__(TCP_SPLICE, None, v6, inbound, now, (b"", 0))
         self.a = a
         self.b = b
         self.connecting = True
@@ -208,7 +207,7 @@ class Splicer:
             b.close()
             self._refuse(a)
             return
-        c = SpliceConn(a, b, inbound, self.loop.now)
+        c = SpliceConn(a, b, inbound, self.loop.now, ":" in dest[0])
         self.conns.add(c)
         self.loop.add(b.fileno(), EVENTS, partial(self._event_b, c))
         err = b.connect_ex(dest)
