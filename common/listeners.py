@@ -328,9 +328,8 @@ class TcpListener:
                     self.loop, self.sock.fileno(), self._readable, exc,
                     f"port {self.sock.getsockname()[1]}")
             return
-        v6 = self.v6
-        addr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
-        self.on_accept(conn, addr, peer[1], self.to_port, v6, self.to_addr)
+        addr = socket.inet_pton(self.family, peer[0])
+        self.on_accept(conn, addr, peer[1], self.to_port, self.v6, self.to_addr)
 
     def close(self) -> None:
         if self._paused is not None:

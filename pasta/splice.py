@@ -89,7 +89,7 @@ class _Dir:
 class SpliceConn(Flow):
     """A spliced connection: `inbound`, a is the host's client (-t), else the namespace's
     (-T).  In the flow table once connected (`ends`: guest, host, noted then)."""
-    __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes", "short")
+    __slots__ = ("a", "b", "fwd", "rev", "connecting", "pipes")
 
     def __init__(self, a: socket.socket, b: socket.socket, inbound: bool, now: float,
                  v6: bool) -> None:
@@ -98,7 +98,6 @@ class SpliceConn(Flow):
         self.b = b
         self.connecting = True
         self.pipes: list[int] = []
-        self.short = 0
         self.fwd: _Dir | None = None
         self.rev: _Dir | None = None
 
@@ -111,6 +110,19 @@ def _pipe() -> tuple[int, int, int]:
     except OSError:
         return r, w, PIPE_BUFS_DEFAULT  # over the per-user pipe budget: still works
     return r, w, PIPE_SIZE // PAGE
+
+
+def _pipe_pair() -> tuple[list[int], int]:
+    """A connection's two pipes [r1, w1, r2, w2] and the fewer buffers of the two;
+    on failure nothing is left open."""
+    r1, w1, bufs1 = _pipe()
+    try:
+        r2, w2, bufs2 = _pipe()
+    except OSError:
+        os.close(r1)
+        os.close(w1)
+        raise
+    return [r1, w1, r2, w2], min(bufs1, bufs2)
 
 
 LOOPBACK = ("127.0.0.1", "::1")
@@ -221,27 +233,16 @@ class Splicer:
         """connect() completed; `events`: what b's epoll event said, if one told us."""
         if self._pipes:
             pipes, short = self._pipes.pop()
-            c.pipes = pipes
             self.table.unreserve(PIPE_FDS)      # the connection's own reservation holds them
-            r1, w1, r2, w2 = pipes
         else:
             try:
-                r1, w1, short = _pipe()
+                pipes, short = _pipe_pair()
             except OSError as exc:
                 log.debug("splice: no pipes: %s", exc)
                 self._abort(c)
                 return
-            try:
-                r2, w2, bufs = _pipe()
-                short = min(short, bufs)
-            except OSError as exc:
-                os.close(r1)
-                os.close(w1)
-                log.debug("splice: no pipes: %s", exc)
-                self._abort(c)
-                return
-            c.pipes = [r1, w1, r2, w2]
-        c.short = short
+        c.pipes = pipes
+        r1, w1, r2, w2 = pipes
         c.fwd = _Dir(c.a.fileno(), c.b, r1, w1, short)
         c.rev = _Dir(c.b.fileno(), c.a, r2, w2, short)
         if events & (RDHUP | _HUP):
@@ -364,7 +365,7 @@ class Splicer:
             if (c.fwd is not None and c.fwd.done and c.rev.done
                     and len(self._pipes) < PIPE_POOL
                     and self.table.fds.take(PIPE_FDS, by_guest=False)):
-                self._pipes.append((pipes, c.short))    # both drained: empty, as new
+                self._pipes.append((pipes, c.fwd.short))   # both drained: empty, as new
             else:
                 for fd in pipes:
                     os.close(fd)
