@@ -17,6 +17,14 @@ talks to the outside through narrow seams:
 Frames go out through `SegmentWriter.write`; nothing here knows the tap
 backend.
 
+The per-segment path is written for its usual case, a request-response
+exchange on an established connection: an ACK of everything sent, in-order
+data, the window open.  That case is told by a comparison or two and skips
+the decisions it does not need (`decide.acked`'s bounds, `fin_acked` before
+the stream's end, a `_push` that would stop at DRAINED), and `_flag` is
+called only when a flag changes (DRAINED, which each exchange would clear
+and set again, is settled once at the end of `_push`).
+
 What the guest may choose is bounded: its MSS is clamped to [536 or 1220, our
 link's], and one call of `_push` sends at most PUSH_BATCH frames; a
 connection with more to send is pushed again on the next turn of the loop
@@ -118,6 +126,8 @@ _OUTQ = struct.Struct("i")
 _LINGER0 = struct.pack("ii", 1, 0)
 SOCK_EVENTS = IN | OUT | RDHUP | ET
 _ERR = 0x008     # EPOLLERR
+_FLAGS_IN_STEP = ACK_QUEUED | ACK_DELAYED | WND_CLOSED   # flags whose change does more
+_EVENTS_TIMED = GUEST_SYN | SYNACK_SENT | SYN_SENT | ESTABLISHED | FIN_SENT  # set timers
 _HUP = 0x010     # EPOLLHUP
 
 
@@ -172,6 +182,8 @@ class TcpHandler:
         conn.events = new
         if plog.TRACE_ON:
             log.log(plog.TRACE, "tcp %r: %s", conn, EVENT_NAMES[ev])
+        if not ev & _EVENTS_TIMED:
+            return                          # GUEST_FIN, PEER_FIN, ...: no timer to set
         if ev == GUEST_SYN:
             # woken first when a SYN-ACK's RTO would be (connect() is quick, mostly):
             # then SYNACK_SENT's timer needs no wake-up of its own
@@ -203,6 +215,8 @@ class TcpHandler:
             log.log(plog.TRACE, "tcp %r: %s%s", conn, "" if on else "~",
                     names(old ^ new, FLAG_NAMES))
         changed = old ^ new
+        if not changed & _FLAGS_IN_STEP:
+            return                          # DRAINED, SOCK_FULL, ...: nothing to keep
         if on:
             if changed & ACK_QUEUED:
                 self.pending_acks.append(conn)
@@ -221,20 +235,13 @@ class TcpHandler:
 
     # ================================================================ guest side
 
-    def on_frame4(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
+    def on_frame(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
+        """A TCP segment from the guest, over IPv4 or IPv6 (the demux's `on_frame4` and
+        `on_frame6` alike: one call less per segment than a method for each)."""
         if end - l4 < 20:
             self.counters["runt"] += 1
             return
-        self._segment(key, False, frame, l3, l4, end)
-
-    def on_frame6(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
-        if end - l4 < 20:
-            self.counters["runt"] += 1
-            return
-        self._segment(key, True, frame, l3, l4, end)
-
-    def _segment(self, key: bytes, v6: bool, frame: memoryview, l3: int, l4: int,
-                 end: int) -> None:
+        v6 = frame[l3] >= 0x60
         sport, dport, seq, ack, doff, flags, window = _HDR.unpack_from(frame, l4)
         hlen = (doff >> 4) << 2
         data = l4 + hlen
@@ -281,6 +288,8 @@ class TcpHandler:
             # the only way the guest learns of a window update we sent and lost
             self.counters["probe"] += 1
             self._send_ack(conn)
+
+    on_frame4 = on_frame6 = on_frame
 
     # ---------------------------------------------------------------- opening
 
@@ -376,7 +385,7 @@ class TcpHandler:
 
     def _wnd_field(self, conn: TcpConn) -> int:
         """Our last estimated window as the header's 16-bit field, scaled."""
-        return decide.window_field(conn.rcv_wnd, self._our_wscale(conn))
+        return decide.window_field(conn.rcv_wnd, OUR_WSCALE if conn.guest_wscale >= 0 else 0)
 
     def _arm_rto(self, conn: TcpConn) -> None:
         """Start the retransmission (or persist) timer unless it is running."""
@@ -384,8 +393,9 @@ class TcpHandler:
             conn.rto = conn.rto or RTO_INITIAL
             # the clock, not this turn's `now`: a long turn of the loop (batches of
             # frames, other flows) must not make a fresh timer look overdue
-            conn.rto_at = time.monotonic() + conn.rto
-            self.table.arm(conn, conn.rto_at)
+            conn.rto_at = rto_at = time.monotonic() + conn.rto
+            if rto_at < conn.timer_at or not conn.timer_at:     # else woken early enough
+                self.table.arm(conn, rto_at)
 
     def _send(self, conn: TcpConn, *, seq: int, flags: int, window: int, payload: int = 0,
               options: bytes = b"") -> bool:
@@ -452,58 +462,70 @@ class TcpHandler:
     def _on_guest_ack(self, conn: TcpConn, ack: int, window: int, plen: int) -> None:
         wscale = conn.guest_wscale
         wnd = window << wscale if wscale > 0 else window
-        n = decide.acked(ack, conn.snd_una, conn.snd_max)
-        if n:
+        una = conn.snd_una
+        if ack == una:
+            # nothing newly acknowledged: a window update, a duplicate ACK, or just the
+            # ACK that the guest's data carries
+            if wnd != conn.snd_wnd:
+                grew = wnd > conn.snd_wnd
+                conn.snd_wnd = wnd
+                if grew:
+                    if conn.snd_nxt == una:
+                        conn.rto_at = 0.0          # stop probing: a fresh RTO for what we send
+                        conn.rto = RTO_INITIAL
+                    self._push(conn)
+                return
+            if plen == 0 and conn.snd_max != una:
+                conn.dup_acks += 1
+                if decide.starts_recovery(conn.dup_acks, bool(conn.flags & RECOVERING)):
+                    self.counters["fast_retransmit"] += 1
+                    self._flag(conn, RECOVERING)
+                    conn.recover = conn.snd_max
+                    self._retransmit_one(conn)
+            return
+        snd_max = conn.snd_max
+        if ack == snd_max:
+            n = (ack - una) & M32               # all we sent (the usual case): in bounds
+        else:
+            n = decide.acked(ack, una, snd_max)
             if n == decide.BEYOND:
                 self.counters["ack_beyond"] += 1
                 return
-            data_acked = n
-            if decide.fin_acked(conn.events, ack, conn.fin_seq):
-                data_acked -= 1
-                self._event(conn, FIN_ACKED)
-            if data_acked:
-                conn.bytes_down += data_acked
-                self._discard_acked(conn, data_acked)
-            conn.snd_una = ack
-            if seq_after(ack, conn.snd_nxt):
-                conn.snd_nxt = ack    # we had rewound, but the guest already had this
-            conn.snd_wnd = wnd
-            conn.dup_acks = 0
-            conn.retries = 0
-            conn.rto = RTO_INITIAL
-            if conn.flags & RECOVERING:
-                if seq_after(conn.recover, ack):
-                    self._retransmit_one(conn)      # partial ACK: the next hole
-                else:
-                    self._flag(conn, RECOVERING, False)
-            if conn.snd_max != ack:
-                conn.rto_at = rto_at = self.loop.now + conn.rto
-                if rto_at < conn.timer_at or not conn.timer_at:
-                    self.table.arm(conn, rto_at)
+        ev = conn.events
+        if ev & SOCK_EOF and decide.fin_acked(ev, ack, conn.fin_seq):
+            n -= 1
+            self._event(conn, FIN_ACKED)
+        if n:
+            conn.bytes_down += n
+            self._discard_acked(conn, n)
+        conn.snd_una = ack
+        nxt = conn.snd_nxt
+        if ack != nxt and seq_after(ack, nxt):
+            conn.snd_nxt = nxt = ack      # we had rewound, but the guest already had this
+        conn.snd_wnd = wnd
+        conn.dup_acks = 0
+        conn.retries = 0
+        conn.rto = RTO_INITIAL
+        if conn.flags & RECOVERING:
+            if seq_after(conn.recover, ack):
+                self._retransmit_one(conn)      # partial ACK: the next hole
             else:
-                conn.rto_at = 0.0
-            ev = conn.events
-            if ev & FIN_ACKED and ev & GUEST_FIN:
-                self._close(conn, "fin")
-                return
-            self._push(conn)
+                self._flag(conn, RECOVERING, False)
+        if snd_max != ack:
+            conn.rto_at = rto_at = self.loop.now + conn.rto
+            if rto_at < conn.timer_at or not conn.timer_at:
+                self.table.arm(conn, rto_at)
+        else:
+            conn.rto_at = 0.0
+        ev = conn.events
+        if ev & FIN_ACKED and ev & GUEST_FIN:
+            self._close(conn, "fin")
             return
-        if wnd != conn.snd_wnd:
-            grew = wnd > conn.snd_wnd
-            conn.snd_wnd = wnd
-            if grew:
-                if conn.snd_nxt == conn.snd_una:
-                    conn.rto_at = 0.0          # stop probing: a fresh RTO for what we send
-                    conn.rto = RTO_INITIAL
-                self._push(conn)
+        if conn.flags & DRAINED and nxt == ack and wnd > 0 and not ev & SOCK_EOF:
+            # the usual case of a request-response exchange: all acknowledged, the
+            # window open, and the last peek found nothing more (_push would stop there)
             return
-        if plen == 0 and conn.snd_max != conn.snd_una:
-            conn.dup_acks += 1
-            if decide.starts_recovery(conn.dup_acks, bool(conn.flags & RECOVERING)):
-                self.counters["fast_retransmit"] += 1
-                self._flag(conn, RECOVERING)
-                conn.recover = conn.snd_max
-                self._retransmit_one(conn)
+        self._push(conn)
 
     def _retransmit_one(self, conn: TcpConn) -> None:
         """Resend the segment at snd_una (the hole the guest's ACKs point at) only."""
@@ -591,9 +613,11 @@ class TcpHandler:
                 self._close(conn, "fin")
             return
         # a small segment: an answer may be on its way, and it will carry the ACK
+        # (_flag only for a change: the flag stays set across a run of exchanges)
         if decide.delay_ack(plen, conn.guest_mss, (conn.rcv_nxt - conn.ack_sent) & M32):
-            self._flag(conn, ACK_DELAYED)
-        else:
+            if not conn.flags & ACK_DELAYED:
+                self._flag(conn, ACK_DELAYED)
+        elif not conn.flags & ACK_QUEUED:
             self._flag(conn, ACK_QUEUED)
 
     def _on_guest_rst(self, conn: TcpConn, seq: int) -> None:
@@ -693,33 +717,40 @@ class TcpHandler:
                 self._sock_error(conn, err)
                 return
         if events & (IN | RDHUP | _HUP) and ev & ESTABLISHED:
-            if conn.flags & DRAINED:
-                self._flag(conn, DRAINED, False)
             if events & (RDHUP | _HUP):
                 self._event(conn, PEER_FIN)   # the end of the stream is queued: peek to it
-            self._push(conn)
+            self._push(conn, True)            # which ends DRAINED
         if events & OUT and conn.flags & (WND_CLOSED | DROPPED):
             self._window_update(conn)
 
-    def _push(self, conn: TcpConn) -> None:
-        """Send what the socket holds beyond snd_nxt, within the guest's window."""
+    def _push(self, conn: TcpConn, sock_event: bool = False) -> None:
+        """Send what the socket holds beyond snd_nxt, within the guest's window.
+
+        A socket event (`sock_event`) ends DRAINED, and most often the peek
+        finds the queue short again: the flag then changes (through _flag)
+        only if it ends up different, once, at the end."""
         ev = conn.events
         if ev & CLOSED or not ev & ESTABLISHED:
             return
-        fin = decide.fin_state(ev, conn.fin_seq, conn.snd_nxt)
-        if fin == decide.FIN_OUT:
-            return
-        wnd_field = self._wnd_field(conn)
-        if fin == decide.FIN_DUE:
-            self._send_fin(conn, wnd_field)
-            return
         room = decide.send_room(conn.snd_wnd, conn.snd_una, conn.snd_nxt)
-        if room <= 0 or conn.flags & DRAINED:
+        drained = conn.flags & DRAINED      # as the flag stands
+        if drained and sock_event and (ev & SOCK_EOF or room <= 0):
+            self._flag(conn, DRAINED, False)  # no peek below: the event ends it now
+            drained = 0
+        if ev & SOCK_EOF:                   # no FIN to think of before the stream's end
+            fin = decide.fin_state(ev, conn.fin_seq, conn.snd_nxt)
+            if fin == decide.FIN_OUT:
+                return
+            if fin == decide.FIN_DUE:
+                self._send_fin(conn, self._wnd_field(conn))
+                return
+        if room <= 0 or (drained and not sock_event):
             if room <= 0 and conn.snd_nxt == conn.snd_una:
                 # the guest's window is shut and nothing is in flight: persist, so that
                 # a lost window update cannot stall us (see _retransmit)
                 self._arm_rto(conn)
             return
+        wnd_field = self._wnd_field(conn)
         writer = self.writer
         if conn.v6:
             payload = writer.payload6
@@ -730,6 +761,7 @@ class TcpHandler:
         recv_into = conn.sock.recv_into
         dns = conn.dns
         batch = PUSH_BATCH
+        now_drained = False
         while room > 0:
             if not batch:
                 # enough for one turn: the rest after the other flows had theirs (no
@@ -741,7 +773,7 @@ class TcpHandler:
             try:
                 got = recv_into(payload, want, MSG_PEEK)
             except BlockingIOError:
-                self._flag(conn, DRAINED)
+                now_drained = True
                 break
             except OSError as exc:
                 self._sock_error(conn, exc.errno)
@@ -780,11 +812,14 @@ class TcpHandler:
                 break
             if got < want and not conn.events & PEER_FIN:
                 # the queue is empty for now; a new arrival brings a new event (edge)
-                self._flag(conn, DRAINED)
+                now_drained = True
                 break
-        if seq_after(conn.snd_nxt, conn.snd_max):
-            conn.snd_max = conn.snd_nxt
-        if conn.snd_nxt != conn.snd_una:
+        if now_drained != bool(drained):
+            self._flag(conn, DRAINED, now_drained)
+        nxt = conn.snd_nxt
+        if 0 < ((nxt - conn.snd_max) & M32) < 0x80000000:      # seq_after(nxt, snd_max)
+            conn.snd_max = nxt
+        if nxt != conn.snd_una and not conn.rto_at:
             self._arm_rto(conn)
 
     def _push_later(self, conn: TcpConn) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 
-from common.flowheader import FlowHeader, fold
+from common.flowheader import FlowHeader
 from common.packet.checksum import csum_add, csum_finish
 from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, frame_buffer
 from common.tap import GSO_TCP4, GSO_TCP6, TapBackend
@@ -86,13 +86,19 @@ class SegmentWriter:
             # options sit where a data segment's payload would start: only control buffers
             buf[l4 + TCP_LEN:l4 + TCP_LEN + olen] = options
         l3 = self.l3
+        # the folds (`fold`) written out: a call each is a tenth of this method's time
         if v6:
             _IP6.pack_into(buf, l3, 0x60000000, tcp_len, 6, 64, hdr.src, hdr.dst)
         else:
             total = 20 + tcp_len
-            ip_csum = fold(hdr.ip_sum + total) ^ 0xFFFF
-            _IP4.pack_into(buf, l3, 0x45, 0, total, 0, 0x4000, 64, 6, ip_csum, hdr.src, hdr.dst)
-        pseudo = fold(hdr.pseudo_sum + tcp_len)
+            s = hdr.ip_sum + total
+            while s >> 16:
+                s = (s & 0xFFFF) + (s >> 16)
+            _IP4.pack_into(buf, l3, 0x45, 0, total, 0, 0x4000, 64, 6, s ^ 0xFFFF, hdr.src,
+                           hdr.dst)
+        pseudo = hdr.pseudo_sum + tcp_len
+        while pseudo >> 16:
+            pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         end = l4 + tcp_len
         doff = (TCP_LEN + olen) << 2
         if self.offload:
