@@ -25,9 +25,12 @@ def fold(s: int) -> int:
     return s
 
 
+_WORDS = {4: struct.Struct("!2H"), 16: struct.Struct("!8H")}
+
+
 def addr_sum(addr: bytes) -> int:
     """Unfolded sum of the 16-bit words of a packed address."""
-    return sum(struct.unpack(f"!{len(addr) // 2}H", addr))
+    return sum(_WORDS[len(addr)].unpack(addr))
 
 
 class FlowHeader:

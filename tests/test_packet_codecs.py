@@ -52,6 +52,7 @@ from common.packet.tcp import (
     encode_tcp_options,
     parse_tcp,
     parse_tcp_options,
+    syn_options,
 )
 from common.packet.udp import build_udp4, build_udp6, parse_udp
 
@@ -365,6 +366,23 @@ def test_tcp_options_too_long():
 ])
 def test_tcp_options_parse(data, expected):
     assert parse_tcp_options(data) == expected
+
+
+@given(st.binary(max_size=40), st.integers(0, 19), u8)
+def test_syn_options_agree_with_the_parser(data, at, byte):
+    """The SYN shortcut finds what the parser finds, Linux's layout or not (and a
+    Linux layout with any one byte changed)."""
+    linux = bytearray(bytes.fromhex("0204ffc8" "0402080a" "00000001" "00000000" "01030307"))
+    linux[at] = byte
+    for case in (data, bytes(linux)):
+        try:
+            opts = parse_tcp_options(case)
+        except MalformedPacket:
+            with pytest.raises(MalformedPacket):
+                syn_options(case)
+            continue
+        assert syn_options(case) == (opts.mss, opts.wscale)
+        assert syn_options(memoryview(case)) == (opts.mss, opts.wscale)
 
 
 @pytest.mark.parametrize("data", [

@@ -66,6 +66,23 @@ class Tcp:
     options: TcpOptions
 
 
+# Linux's SYN options, in its order: MSS, SACK permitted, timestamps, NOP, window scale
+_LINUX_SYN_HEAD = b"\x02\x04"
+_LINUX_SYN_MID = b"\x04\x02\x08\x0a"
+_LINUX_SYN_TAIL = b"\x01\x03\x03"
+
+
+def syn_options(data: bytes | bytearray | memoryview) -> tuple[int | None, int | None]:
+    """(MSS, window scale) of a SYN's option bytes, as `parse_tcp_options` finds them
+    (MalformedPacket alike), with Linux's usual layout recognised at a glance: a
+    guest's every connection starts with one of these."""
+    if (len(data) == 20 and data[0:2] == _LINUX_SYN_HEAD and data[4:8] == _LINUX_SYN_MID
+            and data[16:19] == _LINUX_SYN_TAIL):
+        return data[2] << 8 | data[3], data[19]
+    opts = parse_tcp_options(data)
+    return opts.mss, opts.wscale
+
+
 def parse_tcp_options(data: bytes | bytearray | memoryview) -> TcpOptions:
     """The options we understand from the option bytes of a header."""
     mv = memoryview(data)

@@ -63,7 +63,7 @@ from common.guest import GuestState
 from common.loop import ET, IN, OUT, RDHUP, Loop
 from common.mapping import AddressMap, forbidden
 from common.packet.errors import MalformedPacket
-from common.packet.tcp import parse_tcp_options
+from common.packet.tcp import syn_options
 from common.tap import TapBackend
 from common.tcp import decide
 from common.tcp.conn import (
@@ -308,7 +308,7 @@ class TcpHandler:
             return
         host_addr, host_port = self.map.to_host(v6, raddr, rport)
         try:
-            opts = parse_tcp_options(frame[l4 + 20:data])
+            mss, wscale = syn_options(frame[l4 + 20:data])
         except MalformedPacket:
             self.counters["malformed"] += 1
             return
@@ -328,15 +328,18 @@ class TcpHandler:
         conn = TcpConn(key, sock, hdr, False, self.loop.now, (host_addr, host_port))
         conn.frames_up = 1                      # its SYN
         conn.rcv_nxt = (seq + 1) & M32
-        conn.guest_mss = self._clamp_mss(opts.mss, v6)
-        conn.guest_wscale = min(opts.wscale, 14) if opts.wscale is not None else -1
+        conn.guest_mss = self._clamp_mss(mss, v6)
+        conn.guest_wscale = min(wscale, 14) if wscale is not None else -1
         conn.snd_wnd = window          # SYN windows are never scaled
         table.add(conn, 1, verdict)
         self._event(conn, GUEST_SYN)
+        # the guest's address as it uses it (the same as known, mostly: no object then)
+        guest = self.guest
         if v6:
-            self.guest.observe_addr6(IPv6Address(gaddr))
-        else:
-            self.guest.observe_addr4(IPv4Address(gaddr))
+            if guest.addr6 is None or guest.addr6.packed != gaddr:
+                guest.observe_addr6(IPv6Address(gaddr))
+        elif guest.addr4 is None or guest.addr4.packed != gaddr:
+            guest.observe_addr4(IPv4Address(gaddr))
         self.loop.add(conn.fd, SOCK_EVENTS, partial(self._sock_event, conn))
         err = sock.connect_ex(self.map.host_sockaddr(v6, host_addr, host_port))
         if err == 0:
@@ -430,12 +433,12 @@ class TcpHandler:
             if not decide.synack_ok(flags, ack, conn.snd_nxt):
                 return False
             try:
-                opts = parse_tcp_options(frame[l4 + 20:data])
+                mss, wscale = syn_options(frame[l4 + 20:data])
             except MalformedPacket:
                 return False
             conn.rcv_nxt = (seq + 1) & M32
-            conn.guest_mss = self._clamp_mss(opts.mss, conn.v6)
-            conn.guest_wscale = min(opts.wscale, 14) if opts.wscale is not None else -1
+            conn.guest_mss = self._clamp_mss(mss, conn.v6)
+            conn.guest_wscale = min(wscale, 14) if wscale is not None else -1
             conn.snd_una = ack
             conn.snd_wnd = window
             self._event(conn, ESTABLISHED)
