@@ -27,6 +27,7 @@ import errno
 import logging
 import socket
 import time
+from _socket import socket as raw_socket
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
@@ -316,10 +317,11 @@ class TcpListener:
     def _readable(self, _events: int) -> None:
         # one connection per event: the socket is level-triggered, so the loop comes
         # back for the next one, and we spare the accept() that would fail with EAGAIN.
-        # socket.accept() is _accept() and this, with two enum conversions more.
+        # socket.accept() is _accept() and this, with two enum conversions more; the C
+        # type spares socket.socket's __init__ and close(), which are Python code.
         try:
             fd, peer = self.sock._accept()
-            conn = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            conn = raw_socket(self.family, socket.SOCK_STREAM, 0, fd)
         except BlockingIOError:
             return
         except OSError as exc:

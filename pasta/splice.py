@@ -30,6 +30,11 @@ connection that closed cleanly leaves its pipes empty, and up to
 `PIPE_POOL` sets of them are kept for the next connections (making a pipe
 and sizing it costs four calls per direction, with the close); the sockets
 are closed without asking epoll to forget them first (closing does that).
+Wake-ups cost more than system calls here, so we avoid the ones that say
+nothing: a loopback handshake completes inside connect(), so a second connect()
+tells us it is done (no wait for the socket to turn writable), and a socket is
+watched for "writable" only once a direction found it full (`_Dir.out`), not
+after every read of the other side.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import logging
 import os
 import socket
 import struct
+from _socket import socket as raw_socket
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -57,7 +63,8 @@ PIPE_SIZE = 1 << 20
 SPLICE_F_MOVE = 1
 SPLICE_F_NONBLOCK = 2
 FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-EVENTS = IN | OUT | RDHUP | ET
+EVENTS = IN | RDHUP | ET        # and OUT once a direction found the socket full
+CONNECTING = EVENTS | OUT       # writable: connect() completed
 _ERR = 0x008
 _HUP = 0x010
 _LINGER0 = struct.pack("ii", 1, 0)
@@ -72,10 +79,10 @@ PIPE_POOL = 8                  # sets of empty pipes kept for the next connectio
 class _Dir:
     """One direction: bytes read from `src` wait in the pipe until `dst` takes them."""
     __slots__ = ("src", "dst", "dst_sock", "pr", "pw", "short", "pending", "hup", "eof",
-                 "done", "moved")
+                 "done", "moved", "out")
 
     def __init__(self, src: int, dst_sock: socket.socket, pr: int, pw: int,
-                 short: int) -> None:
+                 short: int, out: bool) -> None:
         self.src, self.dst, self.dst_sock = src, dst_sock.fileno(), dst_sock
         self.pr, self.pw = pr, pw
         self.short = short     # a read into the empty pipe shorter than this took all
@@ -84,6 +91,7 @@ class _Dir:
         self.eof = False       # src reached end of file
         self.done = False      # dst shut down for writing
         self.moved = 0         # bytes read from src (for the flow log and pesto --flows)
+        self.out = out         # dst is watched for OUT
 
 
 class SpliceConn(Flow):
@@ -184,8 +192,9 @@ class Splicer:
         """A namespace loopback client on a -T port: connect to the host's loopback."""
         family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
-            peer = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                 | socket.SOCK_CLOEXEC)
+            # the C type: socket.socket's __init__ and close() are Python code
+            peer = raw_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC)
         except OSError as exc:
             log.debug("splice: no host socket: %s", exc)
             self._refuse(sock)
@@ -221,16 +230,22 @@ class Splicer:
             return
         c = SpliceConn(a, b, inbound, self.loop.now, ":" in dest[0])
         self.conns.add(c)
-        self.loop.add(b.fileno(), EVENTS, partial(self._event_b, c))
         err = b.connect_ex(dest)
+        if err == errno.EINPROGRESS:
+            err = b.connect_ex(dest)    # the loopback handshake ran inside the first
         if err == 0:
+            self.loop.add(b.fileno(), EVENTS, partial(self._event_b, c))
             self._connected(c)
-        elif err not in (errno.EINPROGRESS, errno.EAGAIN):
+        elif err == errno.EALREADY:     # no answer yet (the listener's queue is full)
+            self.loop.add(b.fileno(), CONNECTING, partial(self._event_b, c))
+        else:
             self.counters["connect_fail"] += 1
             self._abort(c)
 
     def _connected(self, c: SpliceConn, events: int = 0) -> None:
-        """connect() completed; `events`: what b's epoll event said, if one told us."""
+        """connect() completed; `events`: what b's epoll event said, if one told us (b
+        is watched for OUT then); else b was registered just now, and epoll reports
+        what it has."""
         if self._pipes:
             pipes, short = self._pipes.pop()
             self.table.unreserve(PIPE_FDS)      # the connection's own reservation holds them
@@ -243,16 +258,16 @@ class Splicer:
                 return
         c.pipes = pipes
         r1, w1, r2, w2 = pipes
-        c.fwd = _Dir(c.a.fileno(), c.b, r1, w1, short)
-        c.rev = _Dir(c.b.fileno(), c.a, r2, w2, short)
-        if events & (RDHUP | _HUP):
-            c.rev.hup = True            # that event is spent: it will not come again
+        c.fwd = _Dir(c.a.fileno(), c.b, r1, w1, short, events != 0)
+        c.rev = _Dir(c.b.fileno(), c.a, r2, w2, short, False)
         c.connecting = False
         self.counters["opened"] += 1
         self.table.add(c, FDS_PER_CONN, self.gate.forwarded)
         self.loop.add(c.a.fileno(), EVENTS, partial(self._event_a, c))
-        self._move(c, c.fwd)
-        if not c.closed:
+        self._move(c, c.fwd)            # the client's bytes may be waiting
+        if events & (IN | RDHUP | _HUP) and not c.closed:
+            if events & (RDHUP | _HUP):
+                c.rev.hup = True        # that event is spent: it will not come again
             self._move(c, c.rev)
 
     def _event_a(self, c: SpliceConn, events: int) -> None:
@@ -320,7 +335,9 @@ class Splicer:
                 d.pending += n
                 d.moved += n
         except BlockingIOError:
-            pass
+            if d.pending and not d.out:         # dst is full: wake us when it drains
+                d.out = True
+                self.loop.modify(d.dst, EVENTS | OUT)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                 log.debug("splice: %s", exc)
