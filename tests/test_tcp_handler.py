@@ -362,6 +362,24 @@ def test_an_answer_and_close_take_one_segment(guest, server):
     assert not g.tcp.conns
 
 
+def test_a_greeting_and_close_before_the_handshake_ends(guest, server):
+    """The far end speaks first and closes while the guest's ACK of our SYN-ACK is still
+    on its way (a banner and goodbye): both arrive when the handshake ends, FIN too."""
+    g = guest()
+    port = server.getsockname()[1]
+    g.send(port, ISN, 0, SYN, options=TcpOptions(mss=1460, wscale=7))
+    (synack, _), = g.until(bool, what="the SYN-ACK")
+    peer, _ = server.accept()
+    peer.sendall(b"hello")
+    peer.close()
+    g.run(0.1)                            # the socket's events come while still opening
+    assert g.frames() == []
+    g.send(port, ISN + 1, synack.seq + 1, ACK)
+    got = g.until(lambda segs: any(s.flags & FIN for s, _ in segs), what="greeting and FIN")
+    assert b"".join(p for _, p in got) == b"hello"
+    assert got[-1][0].seq + len(got[-1][1]) == synack.seq + 1 + 5        # FIN after it
+
+
 def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch):
     g, port, isn, peer = connected(guest(), server)
     data = os.urandom(3000)

@@ -98,8 +98,8 @@ Flags (`flags`): transient conditions
                  buffer full (only then comes EPOLLOUT)
     RECOVERING   the third duplicate ACK (fast retransmit)  everything sent before it is
                                                             acknowledged, or a rewind
-    DRAINED      a peek found nothing more to send          a socket event (data or its end),
-                                                            or a rewind
+    DRAINED      a peek found nothing more to send, or      a socket event (data or its end),
+                 connect() completed with nothing to read   or a rewind
 """
 
 from __future__ import annotations

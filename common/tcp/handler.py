@@ -711,18 +711,29 @@ class TcpHandler:
                        if events & (_ERR | _HUP) else 0)
                 if err:
                     self._connect_failed(conn, err)
-                else:
-                    self._connected(conn)
-            return
+                    return
+                self._connected(conn)
+                if not events & (IN | RDHUP | _HUP):
+                    # nothing to read yet, and the first byte brings an event: no peek
+                    # when the guest's ACK ends the handshake
+                    self._flag(conn, DRAINED)
+                    return
+                ev = conn.events
+            else:
+                return
         if events & _ERR:
             err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._sock_error(conn, err)
                 return
-        if events & (IN | RDHUP | _HUP) and ev & ESTABLISHED:
+        if events & (IN | RDHUP | _HUP):
             if events & (RDHUP | _HUP):
                 self._event(conn, PEER_FIN)   # the end of the stream is queued: peek to it
-            self._push(conn, True)            # which ends DRAINED
+            if ev & ESTABLISHED:
+                self._push(conn, True)        # which ends DRAINED
+            elif conn.flags & DRAINED:
+                # still opening: the end of the handshake peeks (_on_handshake)
+                self._flag(conn, DRAINED, False)
         if events & OUT and conn.flags & (WND_CLOSED | DROPPED):
             self._window_update(conn)
 
@@ -996,7 +1007,7 @@ class TcpHandler:
         """The flow table's callback: the connection is gone, its socket goes too."""
         if not conn.events & CLOSED:                 # closed by the table (exit)
             self._event(conn, CLOSED)
-        self.loop.remove(conn.fd)
+        self.loop.forget(conn.fd)        # closing the (never duplicated) fd leaves epoll
         conn.sock.close()
 
     def _reset_unknown(self, key: bytes, v6: bool, flags: int, seq: int, ack: int,
