@@ -83,25 +83,23 @@ class FrameDemux:
             self.tap.send_frame(f)
 
     def __call__(self, frame: memoryview) -> None:
+        # one bad frame costs one frame (a try costs nothing until it catches)
         try:
-            self._route(frame)
-        except Exception as exc:  # one bad frame costs one frame
+            n = len(frame)
+            if n < 14:
+                return self._drop("runt")
+            if frame[6:12] != self.guest.mac:
+                self.guest.observe_mac(bytes(frame[6:12]))
+            ethertype = frame[12] << 8 | frame[13]
+            if ethertype == ETH_P_IP:
+                return self._ipv4(frame, n)
+            if ethertype == ETH_P_IPV6:
+                return self._ipv6(frame, n)
+            if ethertype == ETH_P_ARP and self._arp:
+                return self._reply(arp.handle(frame, self.conf, self.guest))
+            return self._drop("ethertype")
+        except Exception as exc:
             self.errors.failed(handler_name(exc, __file__), exc)
-
-    def _route(self, frame: memoryview) -> None:
-        n = len(frame)
-        if n < 14:
-            return self._drop("runt")
-        if frame[6:12] != self.guest.mac:
-            self.guest.observe_mac(bytes(frame[6:12]))
-        ethertype = frame[12] << 8 | frame[13]
-        if ethertype == ETH_P_IP:
-            return self._ipv4(frame, n)
-        if ethertype == ETH_P_IPV6:
-            return self._ipv6(frame, n)
-        if ethertype == ETH_P_ARP and self._arp:
-            return self._reply(arp.handle(frame, self.conf, self.guest))
-        return self._drop("ethertype")
 
     def _ipv4(self, frame: memoryview, n: int) -> None:
         if n < 34 or self.conf.ip4 is None:
