@@ -166,11 +166,19 @@ class Loop:
 
     def run(self) -> int:
         handlers = self._handlers
+        timers = self._timers
         poll = self._epoll.poll
         monotonic = time.monotonic
         while self._exit_code is None:
             self.now = now = monotonic()
-            timeout = self._run_timers(now) if self._timers else -1.0
+            if not timers:
+                timeout = -1.0
+            else:
+                deadline, _, top = timers[0]
+                if deadline > now and not top.cancelled:
+                    timeout = deadline - now        # nothing due, the usual turn: no call
+                else:
+                    timeout = self._run_timers(now)
             if self._exit_code is not None:
                 break
             ready = poll(timeout, 256)
