@@ -45,7 +45,8 @@ class FlowHeader:
         self.sport = sport
         self.dport = dport
         words = addr_sum(src) + addr_sum(dst)
-        # IPv4 header words that never change: version/IHL/TOS, DF, TTL and protocol
-        self.ip_sum = 0 if v6 else 0x4500 + 0x4000 + (TTL << 8 | proto) + words
+        # IPv4 header words that never change: version/IHL/TOS, DF, TTL and protocol;
+        # folded already, so that one more 16-bit word needs one step of folding
+        self.ip_sum = 0 if v6 else fold(0x4500 + 0x4000 + (TTL << 8 | proto) + words)
         # ICMPv4 has no pseudo-header
-        self.pseudo_sum = 0 if proto == PROTO_ICMP else words + proto
+        self.pseudo_sum = 0 if proto == PROTO_ICMP else fold(words + proto)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from common.flowheader import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FlowHeader, fold
@@ -44,3 +44,13 @@ def test_pseudo_sums():
     assert fold(FlowHeader(True, PROTO_UDP, a6, b6).pseudo_sum + 1000) == fold(
         pseudo6(a6, b6, PROTO_UDP, 1000))
     assert FlowHeader(False, PROTO_ICMP, a4, b4).pseudo_sum == 0     # ICMPv4: none
+
+
+@given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
+       st.binary(min_size=16, max_size=16), st.integers(0, 0xFFFF))
+@example(b"\xff" * 4, b"\xff" * 4, b"\xff" * 16, 0xFFFF)
+def test_sums_are_folded_so_one_length_needs_one_step(s4, d4, a6, length):
+    """The TCP writer adds a 16-bit length and folds once: the sums must be 16 bits."""
+    for hdr in (FlowHeader(False, PROTO_TCP, s4, d4), FlowHeader(True, PROTO_TCP, a6, a6)):
+        for s in (hdr.ip_sum + length, hdr.pseudo_sum + length):
+            assert (s & 0xFFFF) + (s >> 16) == fold(s)

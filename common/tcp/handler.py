@@ -120,6 +120,7 @@ HANDSHAKE_TIMEOUT = 10.0       # SYN / SYN-ACK / connect()
 IDLE_TIMEOUT = 7200.0          # no activity at all
 DELAYED_ACK = 0.001            # longest we hold the ACK of a small segment, seconds
 WINDOW_RECHECK = 1 << 18       # measure the socket's free space again below this estimate
+DISCARD_ONE = 32 << 20         # acknowledged bytes one recv(MSG_TRUNC) discards at most
 
 _HDR = struct.Struct("!HHIIBBH")
 _OUTQ = struct.Struct("i")
@@ -162,7 +163,7 @@ class TcpHandler:
         self._payload = getattr(tap, "payload", None)
         # MSG_TRUNC discards without copying, but recv_into still wants a buffer this
         # large: an anonymous map is never touched, so it costs address space, not memory
-        self._discard = memoryview(mmap.mmap(-1, 32 << 20))
+        self._discard = memoryview(mmap.mmap(-1, DISCARD_ONE))
         self._more: set[TcpConn] = set()          # conns whose _push stopped at the batch
         self._more_timer = None
 
@@ -500,7 +501,14 @@ class TcpHandler:
             self._event(conn, FIN_ACKED)
         if n:
             conn.bytes_down += n
-            self._discard_acked(conn, n)
+            # _discard_acked's first recv written out: it is the only one, mostly
+            try:
+                got = conn.sock.recv_into(self._discard, min(n, DISCARD_ONE), MSG_TRUNC)
+            except OSError as exc:
+                log.debug("tcp: discarding acknowledged data: %s", exc)
+            else:
+                if 0 < got < n:
+                    self._discard_acked(conn, n - got)
         conn.snd_una = ack
         nxt = conn.snd_nxt
         if ack != nxt and seq_after(ack, nxt):
@@ -774,6 +782,8 @@ class TcpHandler:
             seg_max = PAYLOAD_MAX4 if self.gso else conn.guest_mss
         recv_into = conn.sock.recv_into
         dns = conn.dns
+        hdr = conn.hdr
+        mss = conn.guest_mss
         batch = PUSH_BATCH
         now_drained = False
         while room > 0:
@@ -810,8 +820,9 @@ class TcpHandler:
                 if not conn.events & SOCK_EOF:
                     conn.fin_seq = end
                     self._event(conn, SOCK_EOF)
-            if not self._send(conn, seq=conn.snd_nxt, flags=flags, window=wnd_field,
-                              payload=got):
+            conn.frames_down += 1                               # _send, written out
+            if not writer.write(hdr, seq=conn.snd_nxt, ack=conn.rcv_nxt, flags=flags,
+                                window=wnd_field, payload=got, mss=mss):
                 # the tap did not take it: as if lost, the guest's ACKs will tell
                 self.counters["tap_drop"] += 1
             conn.snd_nxt = end
