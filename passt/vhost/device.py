@@ -283,7 +283,8 @@ class VhostUserDevice:
         os.set_blocking(fd, False)
         q.kick_fd = fd
         try:
-            self.epoll.register(fd, select.EPOLLIN)
+            # edge-triggered: a kick is news, its count is not (we never read it)
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLET)
         except OSError as exc:
             q.kick_fd = None
             os.close(fd)
