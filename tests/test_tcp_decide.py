@@ -61,6 +61,7 @@ def test_window_field_is_scaled_and_clamped():
     assert d.window_field(1 << 30, 8) == 0xFFFF
     assert d.window_field(1000, 0) == 1000
     assert d.window_field(255, 8) == 0                 # less than one unit: closed
+    assert d.window_field(-1000, 8) == 0               # the guest wrote beyond it
 
 
 def test_rst_is_taken_in_the_window_and_anywhere_while_opening():

@@ -74,9 +74,10 @@ def free_space(sndbuf: int, queued: int) -> tuple[int, bool]:
 
 
 def window_field(free: int, wscale: int) -> int:
-    """The 16-bit window field that offers `free` bytes under our window scale."""
+    """The 16-bit window field that offers `free` bytes under our window scale; none
+    for a negative estimate (a guest that wrote beyond our window drives it there)."""
     field = free >> wscale
-    return field if field < 0xFFFF else 0xFFFF
+    return field if 0 <= field < 0xFFFF else 0 if field < 0 else 0xFFFF
 
 
 def rst_acceptable(seq: int, rcv_nxt: int, rcv_wnd: int, events: int) -> bool:

@@ -377,7 +377,7 @@ class TcpHandler:
                           hdr.dst + hdr.dport.to_bytes(2, "big"))
         conn.snd_una = isn
         conn.snd_nxt = conn.snd_max = (isn + 1) & M32
-        conn.rcv_wnd = self._free_space(conn)
+        conn.rcv_wnd = self._free_space(conn, True)
         gate = self.table.gate
         if gate is not None and gate.watch_dns(PROTO_TCP, hdr.src, hdr.sport):
             conn.dns = DnsStream(conn.snd_nxt)
@@ -443,7 +443,7 @@ class TcpHandler:
             conn.snd_una = ack
             conn.snd_wnd = window
             self._event(conn, ESTABLISHED)
-            conn.rcv_wnd = self._free_space(conn)
+            conn.rcv_wnd = self._free_space(conn, True)
             self._send_ack(conn)
             self._push(conn)
             return False
@@ -639,13 +639,15 @@ class TcpHandler:
 
     # ---------------------------------------------------------------- ACKs and window
 
-    def _free_space(self, conn: TcpConn) -> int:
+    def _free_space(self, conn: TcpConn, unused: bool = False) -> int:
         """Bytes the socket's send buffer can still take: the window we offer; records
-        whether the kernel counts it full (SOCK_FULL, see `decide.free_space`)."""
+        whether the kernel counts it full (SOCK_FULL, see `decide.free_space`).
+        `unused`: nothing was written to the socket yet, so nothing is queued."""
         sock = conn.sock
         try:
             sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            queued = _OUTQ.unpack(fcntl.ioctl(conn.fd, TIOCOUTQ, b"\0\0\0\0"))[0]
+            queued = (0 if unused
+                      else _OUTQ.unpack(fcntl.ioctl(conn.fd, TIOCOUTQ, b"\0\0\0\0"))[0])
         except OSError:
             return 0
         free, full = decide.free_space(sndbuf, queued)
@@ -928,7 +930,7 @@ class TcpHandler:
         conn.snd_una = isn
         conn.snd_nxt = conn.snd_max = (isn + 1) & M32
         conn.guest_wscale = 0
-        conn.rcv_wnd = self._free_space(conn)
+        conn.rcv_wnd = self._free_space(conn, True)
         table.add(conn, 1, verdict)
         self._event(conn, SYN_SENT)
         self.loop.add(conn.fd, SOCK_EVENTS, partial(self._sock_event, conn))
