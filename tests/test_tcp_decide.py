@@ -36,12 +36,16 @@ def test_trim(seq, rcv_nxt, plen, fin, want):
     assert d.trim(seq, rcv_nxt, plen, fin) == want
 
 
-def test_delayed_ack_only_for_a_small_segment_and_never_two_full_ones_behind():
+def test_delayed_ack_for_a_small_segment_or_the_first_of_two_never_two_behind():
     mss = 1460
     assert d.delay_ack(100, mss, 100)
-    assert not d.delay_ack(mss // 2, mss, mss // 2)     # not small
     assert not d.delay_ack(100, mss, 2 * mss)           # two segments unacknowledged
     assert d.delay_ack(100, mss, 2 * mss - 1)
+    assert d.delay_ack(mss, mss, mss)                   # the first full-sized segment waits
+    assert d.delay_ack(mss // 2, mss, mss // 2)         # so does a mid-sized one
+    assert not d.delay_ack(mss, mss, 2 * mss)           # the second one is acknowledged
+    assert not d.delay_ack(mss // 2, mss, mss + 1)      # more than a segment's worth
+    assert not d.delay_ack(3 * mss, mss, 3 * mss)       # a large (GSO) segment at once
 
 
 def test_free_space_and_when_the_kernel_counts_the_socket_full():

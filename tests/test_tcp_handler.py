@@ -326,16 +326,22 @@ def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
     peer.close()
 
 
-def test_a_small_segments_ack_is_delayed_a_full_ones_is_not(guest, server):
+def test_a_small_or_first_full_segments_ack_is_delayed_a_second_ones_is_not(guest, server):
     g, port, isn, peer = connected(guest(), server)
     g.frames()
     g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")          # small: the ACK may wait
     assert g.frames() == []
     (ack, _), = g.until(bool, what="the delayed ACK")
     assert ack.ack == ISN + 3
-    g.send(port, ISN + 3, isn + 1, ACK, b"x" * 1460)          # full-sized: at the batch's end
+    g.send(port, ISN + 3, isn + 1, ACK, b"x" * 1460)          # full-sized: waits for the next
+    assert g.frames() == []
+    g.send(port, ISN + 3 + 1460, isn + 1, ACK, b"y" * 1460)   # the second: at the batch's end
     (ack, _), = g.frames()
-    assert ack.ack == ISN + 3 + 1460
+    assert ack.ack == ISN + 3 + 2 * 1460
+    g.send(port, ISN + 3 + 2 * 1460, isn + 1, ACK, b"z" * 1460)
+    (ack, _), = g.until(bool, what="the delayed ACK of a lone full-sized segment")
+    assert ack.ack == ISN + 3 + 3 * 1460
+    read_exactly(peer, 2 + 3 * 1460)
     peer.close()
 
 

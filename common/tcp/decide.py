@@ -57,10 +57,15 @@ def trim(seq: int, rcv_nxt: int, plen: int, fin: bool) -> int:
 
 
 def delay_ack(plen: int, mss: int, unacked: int) -> bool:
-    """Whether the ACK of a segment of `plen` bytes may wait a moment for an answer to
-    carry it: only for a small segment, and never with two segments' worth unacknowledged
-    (`unacked` bytes, this one's included)."""
-    return plen < (mss >> 1) and unacked < 2 * mss
+    """Whether the ACK of a segment of `plen` bytes may wait a moment (`unacked` bytes
+    not acknowledged yet, this one's included).  A small segment's ACK waits for an
+    answer to carry it, while less than two segments' worth is unacknowledged; a larger
+    one's waits for the next segment while at most one segment's worth is (RFC 9293
+    3.8.6.3: an ACK for at least every second full-sized segment; Linux's receiver
+    does the same), which halves the ACKs of a bulk transfer."""
+    if plen < (mss >> 1):
+        return unacked < 2 * mss
+    return unacked <= mss
 
 
 def free_space(sndbuf: int, queued: int) -> tuple[int, bool]:

@@ -118,7 +118,7 @@ PUSH_BATCH = 64                # frames one call of _push sends; the rest on a l
 RTO_INBOUND_SYN = 1.0          # our SYN to the guest: RFC 6298's initial RTO
 HANDSHAKE_TIMEOUT = 10.0       # SYN / SYN-ACK / connect()
 IDLE_TIMEOUT = 7200.0          # no activity at all
-DELAYED_ACK = 0.001            # longest we hold the ACK of a small segment, seconds
+DELAYED_ACK = 0.001            # longest we hold a delayed ACK (see decide.delay_ack), seconds
 WINDOW_RECHECK = 1 << 18       # measure the socket's free space again below this estimate
 DISCARD_ONE = 32 << 20         # acknowledged bytes one recv(MSG_TRUNC) discards at most
 
@@ -623,7 +623,8 @@ class TcpHandler:
             if conn.events & FIN_ACKED:
                 self._close(conn, "fin")
             return
-        # a small segment: an answer may be on its way, and it will carry the ACK
+        # a small segment: an answer may be on its way, and it will carry the ACK; the
+        # first larger one: the next segment's ACK acknowledges both
         # (_flag only for a change: the flag stays set across a run of exchanges)
         if decide.delay_ack(plen, conn.guest_mss, (conn.rcv_nxt - conn.ack_sent) & M32):
             if not conn.flags & ACK_DELAYED:
