@@ -33,10 +33,27 @@ def loop():
     lp.close()
 
 
-def splicer(loop: Loop) -> Splicer:
+@pytest.fixture
+def sp(loop):
     def no_namespace(family, n, done):          # the -T path never takes from the pool
         done(False, "no namespace here")
-    return Splicer(loop, SocketPool(no_namespace, 0))
+    splicer = Splicer(loop, SocketPool(no_namespace, 0))
+    yield splicer
+    splicer.close_all()
+
+
+@pytest.fixture
+def sockets():
+    """The test's own sockets, closed when it ends, passed or failed (which also ends
+    the blocking calls of its threads)."""
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
 
 
 def client_pair(family: int) -> tuple[socket.socket, socket.socket]:
@@ -75,26 +92,25 @@ def exchange(sock: socket.socket, payload: bytes, results: dict, name: str,
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_every_byte_both_ways_through_full_sockets(loop, family):
+def test_every_byte_both_ways_through_full_sockets(loop, sp, sockets, family):
     """Each side reads only once the splicer found the socket towards it full (more
     than all the buffers on the way hold), so both directions stop and resume."""
-    sp = splicer(loop)
     srv = listening_server(family)
     client, accepted = client_pair(family)
+    sockets += [srv, client]
     up, down = os.urandom(32 << 20), os.urandom(32 << 20)
     results: dict[str, str] = {}
-    server_side: list[socket.socket] = []
     sp.accept_host(accepted, b"", 0, srv.getsockname()[1], family == socket.AF_INET6)
     (c,) = sp.conns
     assert not c.connecting and not c.fwd.out and not c.rev.out
 
     def serve() -> None:
         conn, _ = srv.accept()
-        server_side.append(conn)
+        sockets.append(conn)
         exchange(conn, down, results, "server", lambda: c.fwd.out)
 
-    threads = [threading.Thread(target=serve),
-               threading.Thread(target=exchange,
+    threads = [threading.Thread(target=serve, daemon=True),
+               threading.Thread(target=exchange, daemon=True,
                                 args=(client, up, results, "client", lambda: c.rev.out))]
     for t in threads:
         t.start()
@@ -105,36 +121,34 @@ def test_every_byte_both_ways_through_full_sockets(loop, family):
     assert results["client"] == hashlib.sha256(down).hexdigest()
     run_until(loop, lambda: not sp.conns, what="the connection closed")
     assert sp.counters["opened"] == 1
-    for s in (client, srv, *server_side):
-        s.close()
-    sp.close_all()
 
 
-def test_a_connect_the_server_does_not_answer_yet(loop):
+def test_a_connect_the_server_does_not_answer_yet(loop, sp, sockets):
     """The server's accept queue is full: our SYN goes unanswered, connect() stays in
     progress, and the connection completes when the server makes room (the kernel
     sends the SYN again after a second)."""
     family = socket.AF_INET
-    sp = splicer(loop)
     srv = listening_server(family, backlog=0)
+    sockets.append(srv)
     port = srv.getsockname()[1]
-    fillers = []
     for _ in range(4):                          # fill the queue
         s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sockets.append(s)
         s.connect_ex((LO[family], port))
-        fillers.append(s)
     client, accepted = client_pair(family)
+    sockets.append(client)
     client.sendall(b"hello")
     sp.accept_host(accepted, b"", 0, port, False)
     (c,) = sp.conns
     assert c.connecting                         # waiting for the handshake
     srv.setblocking(False)
-    served = []
+    served: list[socket.socket] = []
 
     def hello_arrived() -> bool:
         try:
             while True:
                 conn, _ = srv.accept()
+                sockets.append(conn)
                 conn.setblocking(False)
                 served.append(conn)
         except BlockingIOError:
@@ -143,10 +157,9 @@ def test_a_connect_the_server_does_not_answer_yet(loop):
 
     run_until(loop, hello_arrived, 10, what="the request at the server")
     assert not c.connecting
-    for s in (client, srv, *fillers, *served):
+    for s in sockets:
         s.close()
     run_until(loop, lambda: not sp.conns, what="the connection closed")
-    sp.close_all()
 
 
 def _got_hello(s: socket.socket) -> bool:
@@ -157,17 +170,15 @@ def _got_hello(s: socket.socket) -> bool:
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_refused_connect_resets_the_client(loop, family):
-    sp = splicer(loop)
+def test_a_refused_connect_resets_the_client(loop, sp, sockets, family):
     srv = listening_server(family)
     port = srv.getsockname()[1]
     srv.close()                                 # nobody listens there now
     client, accepted = client_pair(family)
+    sockets.append(client)
     sp.accept_host(accepted, b"", 0, port, family == socket.AF_INET6)
     assert sp.counters["connect_fail"] == 1
     assert not sp.conns
     client.settimeout(2)
     with pytest.raises(ConnectionResetError):
         client.recv(1)
-    client.close()
-    sp.close_all()
