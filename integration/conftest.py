@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,9 +226,10 @@ def pasta() -> list[str]:
     return our_command("pasta")
 
 
-@pytest.fixture(scope="session")
-def test_user() -> Iterator[tuple[int, int]]:
-    """An unprivileged user for rootless runs, and /dev/net/tun usable by it."""
+@contextmanager
+def rootless_user() -> Iterator[tuple[int, int]]:
+    """TEST_USER's uid and gid (created for the while if missing), with /dev/net/tun
+    usable by it (its mode restored afterwards): what a rootless run needs."""
     created = False
     if run(["id", "-u", TEST_USER], check=False).returncode != 0:
         run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", TEST_USER])
@@ -242,6 +244,13 @@ def test_user() -> Iterator[tuple[int, int]]:
         os.chmod("/dev/net/tun", tun_mode)
         if created:
             run(["userdel", TEST_USER], check=False)
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[tuple[int, int]]:
+    """An unprivileged user for rootless runs, and /dev/net/tun usable by it."""
+    with rootless_user() as ids:
+        yield ids
 
 
 def as_user(uid: int, gid: int, cmd: list[str]) -> list[str]:

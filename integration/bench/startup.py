@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
-from integration.conftest import TEST_USER, our_command  # noqa: E402
+from integration.conftest import TEST_USER, our_command, rootless_user  # noqa: E402
 from integration.test_passt_guest import host_world  # noqa: E402
 
 TARGET_MS = 150.0
@@ -165,7 +165,7 @@ def main() -> int:
     compiled = compile_ours(ours)
     load = os.getloadavg()
     res: dict = {"load_before": load, "runs": a.runs, "compiled": compiled, "cases": {}}
-    with host_world() as up:
+    with rootless_user(), host_world() as up:
         work = Path(f"/tmp/pstart-{os.getpid()}")
         work.mkdir(mode=0o700)
         try:
