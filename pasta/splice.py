@@ -188,23 +188,20 @@ class Splicer:
             return
         self._start(sock, peer, (dest, to_port), inbound=True)
 
-    def from_ns(self, sock: socket.socket, to_port: int, v6: bool) -> None:
-        """A namespace loopback client on a -T port: connect to the host's loopback."""
+    def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
+                    v6: bool, to_addr: bytes | None = None) -> None:
+        """A namespace loopback client on a -T port (the listener's AcceptHandler):
+        connect to the host's loopback."""
         family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
             # the C type: socket.socket's __init__ and close() are Python code
-            peer = raw_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                              | socket.SOCK_CLOEXEC)
+            peer_sock = raw_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                   | socket.SOCK_CLOEXEC)
         except OSError as exc:
             log.debug("splice: no host socket: %s", exc)
             self._refuse(sock)
             return
-        self._start(sock, peer, (LOOPBACK[v6], to_port), inbound=False)
-
-    def accept_host(self, sock: socket.socket, peer: bytes, peer_port: int, to_port: int,
-                    v6: bool, to_addr: bytes | None = None) -> None:
-        """AcceptHandler signature, for -T listeners in the namespace."""
-        self.from_ns(sock, to_port, v6)
+        self._start(sock, peer_sock, (LOOPBACK[v6], to_port), inbound=False)
 
     # ------------------------------------------------------------ connection life
 
@@ -329,11 +326,15 @@ class Splicer:
                 # A read into an empty pipe stops short of the socket's queue only when
                 # the pipe's buffers ran out (each holds a byte at least): shorter than
                 # that, it took everything, and what comes later brings a new event
-                # (edge-triggered).  So no read that would only fail with EAGAIN, unless
-                # the end of the stream was announced: that event is spent, read to it.
-                took_all = not d.pending and n < d.short and not d.hup
+                # (edge-triggered).  So no read that would only fail with EAGAIN.  And
+                # when the end of the stream was announced before the read (the peer's
+                # FIN is only taken in order, after all its data), such a read took
+                # everything up to the end: no read that would only return 0 either.
+                took_all = not d.pending and n < d.short
                 d.pending += n
                 d.moved += n
+                if took_all and d.hup:
+                    d.eof = True
         except BlockingIOError:
             if d.pending and not d.out:         # dst is full: wake us when it drains
                 d.out = True

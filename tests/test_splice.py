@@ -182,3 +182,39 @@ def test_a_refused_connect_resets_the_client(loop, sp, sockets, family):
     client.settimeout(2)
     with pytest.raises(ConnectionResetError):
         client.recv(1)
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    sock.settimeout(0)
+    chunks = []
+    try:
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    except BlockingIOError:
+        return b"\0" + b"".join(chunks)   # not at the end yet: never equal to a payload
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("size", [5, 100_000])
+def test_data_and_its_end_in_one_event(loop, sp, sockets, size):
+    """Each side's bytes and its FIN are queued before the splicer looks: the event
+    announces both, and the read that takes the bytes also reaches the end (small) or
+    does not (more than the pipe takes in one read): either way every byte, then the
+    end, arrives on the other side, and the connection closes."""
+    srv = listening_server(socket.AF_INET)
+    client, accepted = client_pair(socket.AF_INET)
+    sockets += [srv, client]
+    request, answer = os.urandom(size), os.urandom(size)
+    client.sendall(request)
+    client.shutdown(socket.SHUT_WR)
+    sp.accept_host(accepted, b"", 0, srv.getsockname()[1], False)
+    (c,) = sp.conns
+    server, _ = srv.accept()
+    sockets.append(server)
+    run_until(loop, lambda: c.fwd.done, what="the request and its end forwarded")
+    assert _read_to_end(server) == request
+    server.sendall(answer)
+    server.shutdown(socket.SHUT_WR)
+    run_until(loop, lambda: not sp.conns, what="the answer forwarded, the connection closed")
+    assert _read_to_end(client) == answer
+    assert c.fwd.moved == c.rev.moved == size
