@@ -8,7 +8,9 @@ call), `l3`/`l4` are the offsets of the IP and transport headers, `end` is
 where the IP packet ends (trailing Ethernet padding excluded) and `key` the
 frame's flow key (`common.flow`: cut out here, once, for every handler).  A
 key of a frame too short for its transport header is garbage the handler
-never looks up: it drops the frame as a runt first.
+never looks up: it drops the frame as a runt first.  What a handler returns
+goes back to the tap backend: true when the frame likely ends what the guest
+sends for now (see `common.tap`).
 
 The parsing here is the minimum needed to route a frame, done on the
 memoryview with no intermediate objects: this runs for every packet.  A frame
@@ -47,7 +49,7 @@ _NDP_TYPES = frozenset((133, 134, 135, 136, 137))
 # flags and fragment offset, protocol
 _IP4_FIELDS = struct.Struct("!BxHxxHxB")
 
-L4Handler = Callable[[memoryview, int, int, int, bytes], None]
+L4Handler = Callable[[memoryview, int, int, int, bytes], object]
 
 
 class FrameDemux:
@@ -82,7 +84,7 @@ class FrameDemux:
                 continue
             self.tap.send_frame(f)
 
-    def __call__(self, frame: memoryview) -> None:
+    def __call__(self, frame: memoryview) -> object:
         # one bad frame costs one frame (a try costs nothing until it catches)
         try:
             n = len(frame)
@@ -129,7 +131,8 @@ class FrameDemux:
         if h is None:
             return self._drop("proto4")
         # frame_key4's usual case (no IP options) written out: this runs for every frame
-        h(frame, 14, l4, end, bytes(frame[26:38]) if l4 == 34 else frame_key4(frame, 14, l4))
+        return h(frame, 14, l4, end,
+                 bytes(frame[26:38]) if l4 == 34 else frame_key4(frame, 14, l4))
 
     def _ipv6(self, frame: memoryview, n: int) -> None:
         if n < 54 or frame[14] >> 4 != 6 or self.conf.ip6 is None:
@@ -168,4 +171,4 @@ class FrameDemux:
             h = None
         if h is None:
             return self._drop("proto6")
-        h(frame, 14, l4, end, frame_key6(frame, 14, l4))
+        return h(frame, 14, l4, end, frame_key6(frame, 14, l4))

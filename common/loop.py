@@ -66,6 +66,7 @@ class Loop:
         # the time of this turn of the loop: handlers stamp flows with it rather than
         # each reading the clock (it lags the clock by one turn's work at most)
         self.now = time.monotonic()
+        self.turn = 0              # turns of the loop so far (one epoll_wait each)
 
     @property
     def handler_errors(self) -> int:
@@ -183,6 +184,7 @@ class Loop:
                 break
             ready = poll(timeout, 256)
             self.now = monotonic()
+            self.turn += 1
             for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is None:

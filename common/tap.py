@@ -6,7 +6,14 @@ A backend moves whole Ethernet frames between the guest and us:
   IFF_TAP|IFF_NO_PI, optionally with a virtio-net header in front of each
   frame (IFF_VNET_HDR).  With the header, frames we send may leave the TCP/UDP
   checksum to the kernel (`csum_offload`): the receiving stack in the
-  namespace trusts a partial checksum exactly as for loopback traffic.
+  namespace trusts a partial checksum exactly as for loopback traffic.  A read
+  gives one frame, and only a read that fails says the queue is empty, which
+  costs a system call and an exception object (more than handling a small
+  frame).  So a frame the sink says ends a request (it returns True: a TCP
+  segment with PSH, after which the guest mostly waits for the answer) ends
+  the read, unless the tap was readable on the loop's previous turn too (a
+  burst, where the queue is drained as usual); what is left, if anything,
+  epoll reports again at once (the tap is level-triggered).
 - `StreamTap` (passt): a UNIX stream socket to QEMU where each frame is
   preceded by its length as a 4-byte big-endian integer.  Checksums are never
   offloaded (the guest verifies them).  Output that the socket cannot take at
@@ -25,9 +32,11 @@ The interface, used by the protocol handlers in `common/`:
   the Ethernet header); when False it computes full checksums.
 - `read(sink)`: hand on at most a batch of available frames, calling
   `sink(frame)` with a memoryview that is only valid during the call, each
-  frame exactly once even if the sink raises.  Returns False when the link
-  is gone.  A backend that may keep complete frames after a read (with no
-  new event to announce them) says so in `backlog`.
+  frame exactly once even if the sink raises; a sink's true result says the
+  frame likely ends what the guest sends for now (a backend may stop there).
+  Returns False when the link is gone.  A backend that may keep complete
+  frames after a read (with no new event to announce them) says so in
+  `backlog`.
 - `send(buf, start, end, csum_start, csum_offset, gso, gso_size)`: send
   buf[start:end]; returns False when the frame was dropped.  `gso` asks a
   backend that offloads checksums to cut a large TCP segment into `gso_size`
@@ -72,7 +81,7 @@ VIRTIO_GSO = (VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_
 _VNET = struct.Struct("=BBHHHH")
 READ_BATCH = 128                  # frames per readable event before yielding to others
 
-Sink = Callable[[memoryview], None]
+Sink = Callable[[memoryview], object]
 
 
 class TapBackend(Protocol):
@@ -93,8 +102,10 @@ class TapBackend(Protocol):
 class TunTap:
     """A tap file descriptor from /dev/net/tun (pasta)."""
 
-    def __init__(self, fd: int, vnet_hdr: bool, pcap: Pcap | None = None) -> None:
+    def __init__(self, fd: int, vnet_hdr: bool, pcap: Pcap | None = None,
+                 loop=None) -> None:
         self.fd = fd
+        self.loop = loop                  # common.loop.Loop: its turns tell bursts apart
         self.vnet_hdr = vnet_hdr
         self.headroom = HEADROOM
         self.csum_offload = vnet_hdr
@@ -105,6 +116,7 @@ class TunTap:
         self._rview = memoryview(self._rbuf)
         self._file = open(fd, "rb", buffering=0, closefd=False)
         self._zero_hdr = bytes(VNET_HDR_LEN)
+        self._turn = -2                   # the loop's turn of the last read
 
     def fileno(self) -> int:
         return self.fd
@@ -114,6 +126,13 @@ class TunTap:
         view = self._rview
         skip = self._skip
         pcap = self.pcap
+        loop = self.loop
+        if loop is None:
+            burst = True
+        else:
+            turn = loop.turn
+            burst = turn == self._turn + 1
+            self._turn = turn
         for _ in range(READ_BATCH):
             try:
                 n = readinto(view)
@@ -132,7 +151,8 @@ class TunTap:
             self.frames_in += 1
             if pcap is not None:
                 pcap.write(frame)
-            sink(frame)
+            if sink(frame) and not burst:
+                return True               # the rest, if any: epoll says so at once
         return True
 
     def send(self, buf: bytearray, start: int, end: int,

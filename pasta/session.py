@@ -135,7 +135,7 @@ class Session:
                            config_net=bool(self.opts.get("config_net")),
                            copy_addrs=not self.opts.get("no_copy_addrs"),
                            copy_routes=not self.opts.get("no_copy_routes"))
-        self.tap = TunTap(fd, vnet_hdr=True)
+        self.tap = TunTap(fd, vnet_hdr=True, loop=self.loop)
         phases.mark("tap")
         if self.conf.pcap:
             try:

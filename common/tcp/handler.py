@@ -236,9 +236,10 @@ class TcpHandler:
 
     # ================================================================ guest side
 
-    def on_frame(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> None:
+    def on_frame(self, frame: memoryview, l3: int, l4: int, end: int, key: bytes) -> int | None:
         """A TCP segment from the guest, over IPv4 or IPv6 (the demux's `on_frame4` and
-        `on_frame6` alike: one call less per segment than a method for each)."""
+        `on_frame6` alike: one call less per segment than a method for each); true for
+        data that ends a request (PSH), after which the guest mostly waits for us."""
         if end - l4 < 20:
             self.counters["runt"] += 1
             return
@@ -284,6 +285,7 @@ class TcpHandler:
                 return
         if plen or flags & FIN:
             self._on_guest_data(conn, frame, seq, data, plen, flags)
+            return flags & PSH            # a request's end: the guest waits (common.tap)
         elif seq != conn.rcv_nxt and conn.events & ESTABLISHED:
             # a zero-window probe or keep-alive (both use rcv_nxt - 1): it wants our ACK,
             # the only way the guest learns of a window update we sent and lost
