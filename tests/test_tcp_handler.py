@@ -8,6 +8,7 @@ sockets for the host side (the gateway address maps to 127.0.0.1).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -191,6 +192,91 @@ def test_refused_gets_rst(guest):
     (rst, _), = g.frames()
     assert rst.flags & RST and rst.ack == ISN + 1
     assert not g.tcp.conns
+
+
+def test_a_local_peers_answer_leaves_in_the_syns_own_turn(guest, server):
+    """A loopback handshake runs inside connect(): the SYN-ACK (or the RST of a refused
+    connect) goes to the guest while its SYN is handled, with no turn of the loop."""
+    g = guest()
+    port = server.getsockname()[1]
+    g.send(port, ISN, 0, SYN, options=TcpOptions(mss=1460, wscale=7))
+    (synack, _), = g.frames()                                 # no g.run() in between
+    assert synack.flags == SYN | ACK and synack.ack == ISN + 1
+    with socket.socket() as s:                                # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    g.send(closed, ISN, 0, SYN, options=TcpOptions(mss=1460), sport=GPORT + 1)
+    (rst, _), = g.frames()
+    assert rst.flags & RST and rst.ack == ISN + 1
+    assert len(g.tcp.conns) == 1
+
+
+def exchange(g: Guest, port: int, isn: int, peer: socket.socket, size: int) -> None:
+    """`size` random bytes each way through an established connection, compared by
+    sha256: the guest's in 1000-byte segments, the host's as the guest acknowledges."""
+    up, down = os.urandom(size), os.urandom(size)
+    for off in range(0, size, 1000):
+        g.send(port, ISN + 1 + off, isn + 1, ACK | PSH, up[off:off + 1000])
+    peer.settimeout(5)
+    got_up = b""
+    while len(got_up) < size:
+        got_up += peer.recv(size)
+    assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+    peer.sendall(down)
+    got_down = b""
+    nxt = isn + 1
+    while len(got_down) < size:
+        for tcp, payload in g.until(lambda f: any(p for _, p in f), what="data"):
+            if payload and tcp.seq == nxt:
+                got_down += payload
+                nxt += len(payload)
+        g.send(port, ISN + 1 + size, nxt, ACK)
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+
+
+def test_a_peer_slow_to_answer_completes_on_its_writable_event(guest):
+    """The server's accept queue is full: our SYN goes unanswered and connect() stays
+    in progress (asking again says so), so the socket is watched for writable; the
+    handshake completes once the server makes room (the kernel resends the SYN after a
+    second), and every byte crosses both ways."""
+    g = guest()
+    srv = socket.socket()
+    fillers: list[socket.socket] = []
+    served: list[socket.socket] = []
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        port = srv.getsockname()[1]
+        for _ in range(4):                                    # fill the accept queue
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            fillers.append(f)
+            f.connect_ex(("127.0.0.1", port))
+        g.send(port, ISN, 0, SYN, options=TcpOptions(mss=1460, wscale=7))
+        g.run(0.2)
+        assert g.frames() == []                               # still connecting
+        srv.setblocking(False)
+
+        def drained_then_synack(frames) -> bool:
+            try:
+                while True:
+                    served.append(srv.accept()[0])
+            except BlockingIOError:
+                pass
+            return bool(frames)
+        (synack, _), = g.until(drained_then_synack, timeout=10, what="the SYN-ACK")
+        assert synack.flags == SYN | ACK and synack.ack == ISN + 1
+        g.send(port, ISN + 1, synack.seq + 1, ACK)
+        srv.setblocking(True)
+        srv.settimeout(5)
+        ours = [s for s in served if s.getpeername()[1] not in
+                {f.getsockname()[1] for f in fillers}]
+        peer = ours[0] if ours else srv.accept()[0]
+        served.append(peer)
+        exchange(g, port, synack.seq, peer, 200_000)
+    finally:
+        for s in fillers + served:
+            s.close()
+        srv.close()
 
 
 def test_unknown_segment_gets_rst(guest):

@@ -94,7 +94,7 @@ Flags (`flags`): transient conditions
     WND_CLOSED   we advertised a window while the socket    it drains: EPOLLOUT or a look at
                  was full (EPOLLOUT re-armed, timer armed)  the socket finds room; update sent
     DROPPED      the socket took less than the guest sent   with WND_CLOSED's window update
-                                                            (three duplicate ACKs follow it)
+                 (EPOLLOUT re-armed)                        (three duplicate ACKs follow it)
     SOCK_FULL    a measurement: the kernel counts the send  the next measurement finds room
                  buffer full (only then comes EPOLLOUT)
     RECOVERING   the third duplicate ACK (fast retransmit)  everything sent before it is

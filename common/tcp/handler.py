@@ -41,6 +41,7 @@ import mmap
 import socket
 import struct
 import time
+from _socket import socket as raw_socket
 from collections import Counter
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address
@@ -126,8 +127,9 @@ _HDR = struct.Struct("!HHIIBBH")
 _OUTQ = struct.Struct("i")
 _LINGER0 = struct.pack("ii", 1, 0)
 SOCK_EVENTS = IN | OUT | RDHUP | ET
+SOCK_EVENTS_OPEN = IN | RDHUP | ET      # connected, the window open: OUT says nothing new
 _ERR = 0x008     # EPOLLERR
-_FLAGS_IN_STEP = ACK_QUEUED | ACK_DELAYED | WND_CLOSED   # flags whose change does more
+_FLAGS_IN_STEP = ACK_QUEUED | ACK_DELAYED | WND_CLOSED | DROPPED   # changes that do more
 _EVENTS_TIMED = GUEST_SYN | SYNACK_SENT | SYN_SENT | ESTABLISHED | FIN_SENT  # set timers
 _HUP = 0x010     # EPOLLHUP
 
@@ -225,9 +227,11 @@ class TcpHandler:
                 self.delayed_acks.append(conn)
                 if self._delack_timer is None:
                     self._delack_timer = self.loop.call_later(DELAYED_ACK, self._flush_delayed)
-            if changed & WND_CLOSED:
+            if changed & (WND_CLOSED | DROPPED):
                 # re-arm: polling a full socket makes the kernel wake us once it drains
+                # (and OUT joins the interest of a socket registered without it)
                 self.loop.modify(conn.fd, SOCK_EVENTS)
+            if changed & WND_CLOSED:
                 conn.wnd_poll = decide.next_poll(0.0)
                 conn.wnd_poll_at = self.loop.now + conn.wnd_poll
                 self.table.arm(conn, conn.wnd_poll_at)
@@ -343,11 +347,23 @@ class TcpHandler:
                 guest.observe_addr6(IPv6Address(gaddr))
         elif guest.addr4 is None or guest.addr4.packed != gaddr:
             guest.observe_addr4(IPv4Address(gaddr))
-        self.loop.add(conn.fd, SOCK_EVENTS, partial(self._sock_event, conn))
-        err = sock.connect_ex(self.map.host_sockaddr(v6, host_addr, host_port))
+        dest = self.map.host_sockaddr(v6, host_addr, host_port)
+        err = sock.connect_ex(dest)
+        if err == errno.EINPROGRESS:
+            # a local peer's handshake ran inside connect(): asking again says it is
+            # done, and the SYN-ACK goes out now, not after a wake-up for "writable"
+            # (a remote peer answers EALREADY, one cheap call for a round trip's wait)
+            err = sock.connect_ex(dest)
         if err == 0:
+            # registered once connected: no interest in OUT until a full socket needs
+            # it (`_flag`); data the far end already sent makes epoll report it at once
+            self.loop.add(conn.fd, SOCK_EVENTS_OPEN, partial(self._sock_event, conn))
             self._connected(conn)
-        elif err not in (errno.EINPROGRESS, errno.EAGAIN):
+            if not conn.events & CLOSED:
+                self._flag(conn, DRAINED)
+        elif err in (errno.EALREADY, errno.EAGAIN):
+            self.loop.add(conn.fd, SOCK_EVENTS, partial(self._sock_event, conn))
+        else:
             self._connect_failed(conn, err)
 
     def _clamp_mss(self, mss: int | None, v6: bool) -> int:
@@ -359,8 +375,9 @@ class TcpHandler:
         return lo if mss < lo else hi if mss > hi else mss
 
     def _new_socket(self, v6: bool) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
-                             socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        # the C type: socket.socket's __init__ and close() are Python code
+        sock = raw_socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                          socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
