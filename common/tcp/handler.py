@@ -645,7 +645,9 @@ class TcpHandler:
         # a small segment: an answer may be on its way, and it will carry the ACK; the
         # first larger one: the next segment's ACK acknowledges both
         # (_flag only for a change: the flag stays set across a run of exchanges)
-        if decide.delay_ack(plen, conn.guest_mss, (conn.rcv_nxt - conn.ack_sent) & M32):
+        mss = conn.guest_mss             # decide.delay_ack written out
+        unacked = (conn.rcv_nxt - conn.ack_sent) & M32
+        if unacked < 2 * mss if plen < (mss >> 1) else unacked <= mss:
             if not conn.flags & ACK_DELAYED:
                 self._flag(conn, ACK_DELAYED)
         elif not conn.flags & ACK_QUEUED:
@@ -776,7 +778,7 @@ class TcpHandler:
         ev = conn.events
         if ev & CLOSED or not ev & ESTABLISHED:
             return
-        room = decide.send_room(conn.snd_wnd, conn.snd_una, conn.snd_nxt)
+        room = conn.snd_wnd - ((conn.snd_nxt - conn.snd_una) & M32)   # decide.send_room
         drained = conn.flags & DRAINED      # as the flag stands
         if drained and sock_event and (ev & SOCK_EOF or room <= 0):
             self._flag(conn, DRAINED, False)  # no peek below: the event ends it now
@@ -794,7 +796,10 @@ class TcpHandler:
                 # a lost window update cannot stall us (see _retransmit)
                 self._arm_rto(conn)
             return
-        wnd_field = self._wnd_field(conn)
+        # _wnd_field and decide.window_field written out: this runs for every answer
+        wnd_field = conn.rcv_wnd >> OUR_WSCALE if conn.guest_wscale >= 0 else conn.rcv_wnd
+        if not 0 <= wnd_field < 0xFFFF:
+            wnd_field = 0 if wnd_field < 0 else 0xFFFF
         writer = self.writer
         if conn.v6:
             payload = writer.payload6
@@ -867,7 +872,11 @@ class TcpHandler:
         if 0 < ((nxt - conn.snd_max) & M32) < 0x80000000:      # seq_after(nxt, snd_max)
             conn.snd_max = nxt
         if nxt != conn.snd_una and not conn.rto_at:
-            self._arm_rto(conn)
+            # _arm_rto written out (each answer of an exchange starts the timer)
+            conn.rto = rto = conn.rto or RTO_INITIAL
+            conn.rto_at = rto_at = time.monotonic() + rto
+            if rto_at < conn.timer_at or not conn.timer_at:
+                self.table.arm(conn, rto_at)
 
     def _push_later(self, conn: TcpConn) -> None:
         self._more.add(conn)

@@ -66,6 +66,14 @@ class SegmentWriter:
         self.payload4 = memoryview(self.data4)[self.payload_off4:]
         self.payload6 = memoryview(self.data6)[self.payload_off6:]
         self.frames = 0
+        self._mac = b""                      # the destination MAC the buffers carry
+
+    def _stamp(self, mac: bytes) -> None:
+        """Write the guest's (new) MAC address into every buffer, once per change."""
+        eth = self.eth
+        for buf in (self.data4, self.data6, self.ctrl4, self.ctrl6):
+            buf[eth:eth + 6] = mac
+        self._mac = mac
 
     def write(self, hdr: FlowHeader, *, seq: int, ack: int, flags: int, window: int,
               payload: int = 0, mss: int = 0, options: bytes = b"") -> bool:
@@ -73,13 +81,15 @@ class SegmentWriter:
         `payload4`/`payload6` (a data segment, cut into `mss` pieces by the tap where it
         can), or none (a control segment, with TCP `options` if any); `window` is the
         header's 16-bit field, already scaled.  False when the tap dropped it."""
+        mac = self.guest.mac
+        if mac is not self._mac:             # GuestState replaces it when it changes
+            self._stamp(mac)
         v6 = hdr.v6
         if payload:
             buf, l4 = (self.data6, self.l4_6) if v6 else (self.data4, self.l4_4)
         else:
             buf, l4 = (self.ctrl6, self.l4_6) if v6 else (self.ctrl4, self.l4_4)
         eth = self.eth
-        buf[eth:eth + 6] = self.guest.mac
         olen = len(options)
         tcp_len = TCP_LEN + olen + payload
         if olen:
