@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 
-from common.flowheader import FlowHeader, fold
+from common.flowheader import PROTO_UDP, FlowHeader, fold
 from common.packet.checksum import csum_add, csum_finish
 from common.packet.ethernet import ETH_P_IP, ETH_P_IPV6, frame_buffer
 from common.tap import TapBackend
@@ -59,9 +59,14 @@ class DatagramWriter:
         self.udp_payload4 = v4[self.l4_off4 + UDP_LEN:]
         self.udp_payload6 = v6[self.l4_off6 + UDP_LEN:]
         self.frames = 0
+        # the guest's MAC as last written into buf4 and buf6: written again when it changes
+        self._macs: list[bytes | None] = [None, None]
 
     def _ip(self, buf: bytearray, hdr: FlowHeader, l4_len: int) -> None:
-        buf[self.eth:self.eth + 6] = self.guest.mac
+        mac = self.guest.mac
+        if mac is not self._macs[hdr.v6]:
+            self._macs[hdr.v6] = mac
+            buf[self.eth:self.eth + 6] = mac
         if hdr.v6:
             _IP6.pack_into(buf, self.l3, 0x60000000, l4_len, hdr.proto, 64, hdr.src, hdr.dst)
         else:
@@ -71,13 +76,24 @@ class DatagramWriter:
 
     def send_udp(self, hdr: FlowHeader, payload_len: int) -> bool:
         """Send a datagram whose payload is already in udp_payload4/6."""
+        # `_ip` written out, and each sum of two folded 16-bit values folds in one step:
+        # this is every datagram's path
+        ulen = UDP_LEN + payload_len
         if hdr.v6:
             buf, l4, view = self.buf6, self.l4_off6, self.view6
+            _IP6.pack_into(buf, self.l3, 0x60000000, ulen, PROTO_UDP, 64, hdr.src, hdr.dst)
         else:
             buf, l4, view = self.buf4, self.l4_off4, self.view4
-        ulen = UDP_LEN + payload_len
-        self._ip(buf, hdr, ulen)
-        pseudo = fold(hdr.pseudo_sum + ulen)
+            total = 20 + ulen
+            s = hdr.ip_sum + total
+            _IP4.pack_into(buf, self.l3, 0x45, 0, total, 0, 0x4000, 64, PROTO_UDP,
+                           ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF, hdr.src, hdr.dst)
+        mac = self.guest.mac
+        if mac is not self._macs[hdr.v6]:
+            self._macs[hdr.v6] = mac
+            buf[self.eth:self.eth + 6] = mac
+        s = hdr.pseudo_sum + ulen
+        pseudo = (s & 0xFFFF) + (s >> 16)
         end = l4 + ulen
         self.frames += 1
         if self.offload:

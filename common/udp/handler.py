@@ -210,7 +210,7 @@ class UdpHandler:
         self._to_host(flow, frame[l4 + 8:l4 + ulen])
 
     def _to_host(self, flow: UdpFlow, data: memoryview) -> None:
-        flow.last = time.monotonic()
+        flow.last = self.loop.now
         for _attempt in range(2):
             try:
                 if flow.peer is None:
@@ -361,7 +361,9 @@ class UdpHandler:
                 flow.bytes_down += n
                 flow.frames_down += 1
         if got:
-            self.table.reply_seen(flow, time.monotonic())
+            flow.last = self.loop.now
+            if not flow.replied:
+                self.table.mark_replied(flow)
 
     # ---------------------------------------------------------------- forwarded ports
 
