@@ -8,6 +8,7 @@ gateway address maps to the host's loopback, so nothing leaves the machine.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 from ipaddress import IPv6Address
@@ -37,6 +38,7 @@ from tests.support import (
     parse_frame,
     run_until,
     spin,
+    wait_until,
 )
 from tests.test_udp_frames import check_udp
 
@@ -283,3 +285,33 @@ def test_stop_closes_every_socket(setup):
     assert len(socks) == 2
     s.dp.stop()
     assert all(x.fileno() == -1 for x in socks) and not s.udp.flows
+
+
+def test_an_answer_is_read_alone_a_burst_is_drained(setup):
+    """One datagram per event (no read that only finds the queue empty) unless the
+    socket was read on the previous turn too: of three queued datagrams one is read,
+    the rest wait (epoll reports them on the next turn), and that turn drains them,
+    in order."""
+    s = setup()
+    srv = server(False)
+    port = srv.getsockname()[1]
+    gport = free_port(socket.AF_INET)
+    s.guest_sends(False, gport, port, b"q")
+    _, peer = srv.recvfrom(100)
+    (flow,) = s.udp.flows.values()
+    for i in range(3):
+        srv.sendto(b"a%d" % i, peer)
+    wait_until(lambda: _readable(flow.sock), what="the answers queued")
+    before = len(s.tap.frames)
+    s.loop.turn = 10
+    s.udp._drain(flow)                          # not read on turn 9: one datagram
+    assert len(s.tap.frames) == before + 1 and _readable(flow.sock)
+    s.loop.turn = 11
+    s.udp._drain(flow)                          # read on turn 10: a burst, drained
+    assert not _readable(flow.sock)
+    got = [check_udp(f, P_GW4, P_HOST4, port, gport) for f in s.tap.frames[before:]]
+    assert got == [b"a0", b"a1", b"a2"]
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
