@@ -68,7 +68,7 @@ _PING_RANGE_AT_START = _read_ping_range()
 
 
 class EchoFlow(TapFlow):
-    __slots__ = ("sock", "fd", "ident")
+    __slots__ = ("sock", "fd", "ident", "read_turn")
 
     def __init__(self, key: bytes, now: float, hdr: FlowHeader, sock: socket.socket,
                  ident: int, host: bytes) -> None:
@@ -77,6 +77,7 @@ class EchoFlow(TapFlow):
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident        # the guest's identifier
+        self.read_turn = -2       # the loop's turn when the socket was last read
 
 
 class IcmpHandler:
@@ -234,7 +235,7 @@ class IcmpHandler:
         recv_into = flow.sock.recv_into
         ident = flow.ident
         got = 0
-        for _ in range(DRAIN_MAX):
+        for _ in range(self.loop.reads(flow, DRAIN_MAX)):
             try:
                 n = recv_into(view)
             except BlockingIOError:

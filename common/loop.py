@@ -99,6 +99,18 @@ class Loop:
     def watching(self, fd: int) -> bool:
         return fd in self._handlers
 
+    def reads(self, holder, most: int) -> int:
+        """How many datagrams an event of a level-triggered socket should read: one (an
+        answer comes alone, and only a read that fails says a queue is empty: a system
+        call and an exception built), unless the socket was read on the previous turn
+        too, a burst: then up to `most`.  What one read leaves, epoll reports on the
+        next turn, which makes it a burst.  `holder.read_turn`: the turn of its last
+        read, kept here."""
+        turn = self.turn
+        burst = holder.read_turn == turn - 1
+        holder.read_turn = turn
+        return most if burst else 1
+
     # ------------------------------------------------------------ timers
 
     def call_at(self, deadline: float, fn: Callable[[], None],

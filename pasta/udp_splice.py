@@ -17,8 +17,10 @@ only is not exposed and the server hears from its own address; with
 
 Datagrams from the client, read from L, are sent on O; the server's replies,
 read from O, go back to the client with sendto() on L, so the client hears
-from the port it talked to.  Each readable event drains its socket (up to a
-bound, the loop being level-triggered) through one preallocated buffer.
+from the port it talked to.  A readable event reads one datagram, or drains
+the socket (up to a bound, the loop being level-triggered) when it was read
+on the loop's previous turn too (`Loop.reads`), through one preallocated
+buffer.
 
 `-u` listeners belong to `common.udp` (they also feed the tap path); they
 hand us datagrams from loopback clients through their `local` hook
@@ -63,7 +65,7 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
 class SpliceFlow(Flow):
-    __slots__ = ("lfd", "out", "out_fd", "back", "peer", "owner")
+    __slots__ = ("lfd", "out", "out_fd", "back", "peer", "owner", "read_turn")
 
     def __init__(self, lfd: int, now: float, out: socket.socket, back: socket.socket,
                  peer: tuple, owner: object, inbound: bool) -> None:
@@ -75,6 +77,7 @@ class SpliceFlow(Flow):
         self.back = back           # the listening socket the client sent to
         self.peer = peer           # the client's address, for replies
         self.owner = owner         # the listener (has .closed)
+        self.read_turn = -2        # the loop's turn when `out` was last read
 
 
 class NsListener:
@@ -87,6 +90,7 @@ class NsListener:
         self.family = sock.family
         self.to_port = to_port
         self.closed = False
+        self.read_turn = -2        # the loop's turn when the socket was last read
         splicer.loop.add(self.fd, IN, self._event)
 
     def _event(self, events: int) -> None:
@@ -158,7 +162,7 @@ class UdpSplicer:
         view = self._view
         recvfrom_into = lst.sock.recvfrom_into
         peers = self._peers.get(lst.fd)
-        for _ in range(DRAIN_MAX):
+        for _ in range(self.loop.reads(lst, DRAIN_MAX)):
             try:
                 n, peer = recvfrom_into(view)
             except BlockingIOError:
@@ -259,7 +263,7 @@ class UdpSplicer:
         sendto = flow.back.sendto
         peer = flow.peer
         got = 0
-        for _ in range(DRAIN_MAX):
+        for _ in range(self.loop.reads(flow, DRAIN_MAX)):
             try:
                 n = recv_into(view)
             except BlockingIOError:

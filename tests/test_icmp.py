@@ -97,7 +97,7 @@ def test_echo_through_ping_sockets(offload):
     assert len(frames) == 6, counters
     # replies of one flow keep their order; flows may interleave
     for v6, group in ((False, frames[:3]), (True, frames[3:])):
-        by_id = sorted(group, key=lambda f: f[-9:] == b"identifier")
+        by_id = sorted(group, key=lambda f: f[-10:] == b"identifier")
         check_reply(by_id[0], v6, 0x4242, 1, b"abcdefgh" * 100)
         check_reply(by_id[1], v6, 0x4242, 2, b"abcdefgh" * 100)
         check_reply(by_id[2], v6, 0x0007, 1, b"other identifier")

@@ -24,8 +24,9 @@ sent to the `--dns-forward` address comes from that address.  A datagram
 larger than the guest's MTU allows is dropped and counted (we never
 fragment, and never truncate: the buffer holds the largest datagram).  An
 event reads one datagram (an answer comes alone) unless the socket was
-read on the loop's previous turn too, then as many as there are: a read
-that finds the queue empty costs a system call and an exception.
+read on the loop's previous turn too, then as many as there are
+(`Loop.reads`): a read that finds the queue empty costs a system call and
+an exception.
 
 Forwarded ports (`-u`).  `udp_listener` binds a host socket per forwarded
 port; a datagram from a new host peer opens an *inbound* flow towards the
@@ -347,15 +348,8 @@ class UdpHandler:
         recv_into = flow.sock.recv_into
         send = writer.send_udp
         dns = self.gate.dns_datagram if flow.dns else None
-        # Only a read that fails says the queue is empty (a system call and an exception
-        # built): an answer comes alone, so one datagram is read, unless the socket was
-        # read on the loop's previous turn too (a burst: drained).  What is left, epoll
-        # reports on the next turn (level-triggered), and that makes it a burst.
-        turn = self.loop.turn
-        burst = flow.read_turn == turn - 1
-        flow.read_turn = turn
         got = 0
-        for _ in range(DRAIN_MAX if burst else 1):
+        for _ in range(self.loop.reads(flow, DRAIN_MAX)):
             try:
                 n = recv_into(view)
             except BlockingIOError:
@@ -405,8 +399,8 @@ class UdpHandler:
         peers = listener.peers
         local = listener.local
         send = writer.send_udp
-        now = time.monotonic()
-        for _ in range(DRAIN_MAX):
+        now = self.loop.now
+        for _ in range(self.loop.reads(listener, DRAIN_MAX)):
             try:
                 n, addr = recvfrom_into(view)
             except BlockingIOError:
@@ -583,6 +577,7 @@ class UdpListener:
         self.owner: UdpHandler | None = None
         self.peers: dict[tuple, UdpFlow] = {}
         self.closed = False
+        self.read_turn = -2         # the loop's turn when the socket was last read
         loop.add(self.fd, IN, self._event)
 
     def _event(self, events: int) -> None:
