@@ -43,6 +43,9 @@ The interface, used by the protocol handlers in `common/`:
   pieces: an abstract kind (`GSO_TCP4`, `GSO_TCP6`) each backend translates
   into its own header, so callers know nothing of virtio.
 - `send_frame(frame)`: the slow path for small frames built as bytes.
+- `send_many(frames)`, optional: several `send`s, each a (buf, start, end), in
+  one system call (passt's stream socket); returns how many were dropped.  The
+  TCP handler holds a run of data segments in separate buffers for it.
 - `payload(frame, start, end)`, optional: a backend whose `read` may leave a
   TCP segment's payload where it arrived (vhost-user: in guest memory, only
   the headers copied) has it; frame[start:end] is then only valid through the
@@ -219,9 +222,10 @@ class StreamTap:
     framing: `read` reports the link gone.
 
     Writing: the length goes into the caller's headroom, one send() per
-    frame.  What the socket does not take (QEMU reads as fast as its guest
-    does) is queued, in order, up to `pending_max` bytes; while anything is
-    queued, new frames join the queue and we watch EPOLLOUT (the loop calls
+    frame, or one sendmsg() for a run of them (`send_many`).  What the
+    socket does not take (QEMU reads as fast as its guest does) is queued,
+    in order, up to `pending_max` bytes; while anything is queued, new
+    frames join the queue and we watch EPOLLOUT (the loop calls
     `on_writable`).  A frame that does not fit is dropped and `send` returns
     False: TCP then treats it as lost, so a slow guest gets back-pressure
     through its own acknowledgements, never unbounded buffering.
@@ -250,6 +254,7 @@ class StreamTap:
         self._rstart = 0                  # first unparsed byte
         self._rend = 0                    # end of received data
         self._pending = bytearray()
+        self._iov: list[memoryview] = []      # send_many's, reused
         self._broken = False
 
     def fileno(self) -> int:
@@ -358,6 +363,50 @@ class StreamTap:
         STREAM_LEN.pack_into(buf, hdr, length)
         mv = memoryview(buf)
         return self._write(mv[hdr:end], mv[start:end])
+
+    def send_many(self, frames: list[tuple[bytearray, int, int]]) -> int:
+        """Send buf[start:end] of each of `frames`, in order, with one system call (each
+        frame as `send` would, the same headroom); how many were dropped."""
+        if self._pending or self._broken or len(frames) == 1:
+            dropped = 0
+            for buf, start, end in frames:
+                if not self.send(buf, start, end):
+                    dropped += 1
+            return dropped
+        iov = self._iov
+        total = 0
+        for buf, start, end in frames:
+            STREAM_LEN.pack_into(buf, start - 4, end - start)
+            iov.append(memoryview(buf)[start - 4:end])
+            total += end - start + 4
+        try:
+            sent = self.sock.sendmsg(iov)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            iov.clear()
+            self._broken = True
+            self.dropped_out += len(frames)
+            log.debug("guest socket write: %s", exc)
+            return len(frames)
+        if sent < total:
+            # the rest waits, in order, as `_write` queues the rest of one frame
+            pending = self._pending
+            for part in iov:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                pending += part[sent:]
+                sent = 0
+            if len(pending) > self.peak_queued:
+                self.peak_queued = len(pending)
+            self._watch_out(True)
+        iov.clear()
+        self.frames_out += len(frames)
+        if self.pcap is not None:
+            for buf, start, end in frames:
+                self.pcap.write(memoryview(buf)[start:end])
+        return 0
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         data = STREAM_LEN.pack(len(frame)) + frame

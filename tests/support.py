@@ -104,6 +104,21 @@ class FakeTap:
         return True
 
 
+class BatchTap(FakeTap):
+    """A FakeTap that also takes a run of frames in one call (`send_many`, as passt's
+    stream socket does), and records how many came in each."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+        self.batches: list[int] = []
+
+    def send_many(self, frames) -> int:
+        self.batches.append(len(frames))
+        for buf, start, end in frames:
+            self.send(buf, start, end)
+        return 0
+
+
 def parse_frame(frame: bytes):
     """(ip header, l4 bytes) after checking Ethernet and the IP header."""
     eth, payload = parse_ethernet(frame)

@@ -178,6 +178,18 @@ def fill(tap: StreamTap, count: int, size: int) -> tuple[list[bytes], int]:
     return accepted, refused
 
 
+def drain_queue(tap: StreamTap, peer: socket.socket, n: int) -> list[bytes]:
+    """The peer reads `n` frames while the tap's queue drains (each time the socket has
+    room, EPOLLOUT would call on_writable); the frames, in the order they came."""
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(recv_frames(peer, n)))
+    reader.start()
+    while tap.blocked:
+        tap.on_writable()
+    reader.join(10)
+    return got
+
+
 def test_slow_reader_gets_bounded_queue_then_everything_in_order():
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     limit = 256 << 10
@@ -187,14 +199,7 @@ def test_slow_reader_gets_bounded_queue_then_everything_in_order():
         assert refused > 0, "the socket and the queue should have filled up"
         assert tap.blocked and 0 < tap.queued <= limit
         assert tap.dropped_out == refused
-        # the peer drains; each time the socket has room, EPOLLOUT would call on_writable
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.extend(recv_frames(peer, len(accepted))))
-        reader.start()
-        while tap.blocked:
-            tap.on_writable()
-        reader.join(10)
-        assert got == accepted
+        assert drain_queue(tap, peer, len(accepted)) == accepted
         # the link is intact: new frames go straight through again
         assert fill(tap, 3, 500) == ([make_frame(i, 500) for i in range(3)], 0)
         assert recv_frames(peer, 3) == [make_frame(i, 500) for i in range(3)]
@@ -289,3 +294,43 @@ def test_one_read_hands_on_a_batch_then_the_backlog(pair):
     while tap.backlog:
         tap.read(sink)
     assert sink.frames == frames
+
+
+def test_send_many_is_one_write_of_every_frame_in_order(pair):
+    tap, peer = pair
+    frames = [make_frame(i, 100 + 300 * i) for i in range(5)]
+    bufs = [bytearray(HEADROOM) + f + b"junk" for f in frames]
+    run = [(b, HEADROOM, HEADROOM + len(f)) for b, f in zip(bufs, frames, strict=True)]
+    assert tap.send_many(run) == 0
+    assert recv_frames(peer, 5) == frames
+    assert tap.frames_out == 5 and not tap.blocked
+
+
+def test_send_many_queues_what_the_socket_does_not_take_then_keeps_order():
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tap = StreamTap(ours, pending_max=1 << 20, sndbuf=0)
+    try:
+        accepted = []
+        for run in range(8):            # until the socket is full and a run is cut short
+            frames = [make_frame(run * 4 + i, 60000) for i in range(4)]
+            bufs = [bytearray(HEADROOM) + f for f in frames]
+            dropped = tap.send_many([(b, HEADROOM, len(b)) for b in bufs])
+            accepted += frames[:len(frames) - dropped]
+            assert dropped == 0 or tap.blocked
+        assert tap.blocked, "the socket should have filled up"
+        # later frames wait behind the queue, never ahead of it
+        last = make_frame(99, 70)
+        assert tap.send(bytearray(HEADROOM) + last, HEADROOM, HEADROOM + len(last))
+        accepted.append(last)
+        assert drain_queue(tap, peer, len(accepted)) == accepted
+    finally:
+        peer.close()
+        tap.close()
+
+
+def test_send_many_after_the_peer_left_drops_every_frame(pair):
+    tap, peer = pair
+    peer.close()
+    frames = [bytearray(HEADROOM) + make_frame(i, 80) for i in range(3)]
+    assert tap.send_many([(b, HEADROOM, len(b)) for b in frames]) == 3
+    assert tap.dropped_out == 3

@@ -27,6 +27,7 @@ from tests.support import (
     GW4,
     HOST4,
     OUR_MAC,
+    BatchTap,
     FakeTap,
     make_conf,
     parse_frame,
@@ -43,11 +44,13 @@ ISN = 1000
 class Guest:
     """The guest's end of one connection: builds its segments, reads ours."""
 
-    def __init__(self, offload: bool = False) -> None:
+    def __init__(self, offload: bool | str = False) -> None:
+        """`offload`: the tap's checksum offload, or "batch": a tap that takes runs of
+        frames in one call (passt's stream socket)."""
         self.conf = make_conf("pasta", tcp_ns=["none"], udp_ns=["none"], tcp_ports=["none"],
                               udp_ports=["none"])
         self.loop = Loop()
-        self.tap = FakeTap(offload)
+        self.tap = BatchTap() if offload == "batch" else FakeTap(offload)
         self.dp = DataPlane(self.conf, self.loop, self.tap, GuestState(self.conf, GUEST_MAC))
         self.tcp = self.dp.tcp
         self.seen = 0
@@ -91,7 +94,7 @@ class Guest:
 def guest():
     made: list[Guest] = []
 
-    def make(offload: bool = False) -> Guest:
+    def make(offload: bool | str = False) -> Guest:
         g = Guest(offload)
         made.append(g)
         return g
@@ -132,7 +135,7 @@ def connected(g: Guest, server: socket.socket) -> tuple[Guest, int, int, socket.
     return g, port, isn, peer
 
 
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("offload", [False, True, "batch"])
 def test_handshake_data_both_ways_and_close(guest, server, offload):
     g, port, isn, peer = connected(guest(offload), server)
     peer.settimeout(2)
@@ -160,6 +163,8 @@ def test_handshake_data_both_ways_and_close(guest, server, offload):
             got += payload
             nxt += len(payload)
     assert got == data[:len(got)] and len(got) > 0
+    if offload == "batch":
+        assert max(g.tap.batches) > 1           # a run of segments went in one call
     # close from the host: FIN once all data went out; guest acks everything and closes too
     peer.shutdown(socket.SHUT_WR)
     while len(got) < len(data):
@@ -301,8 +306,9 @@ def test_out_of_order_and_retransmitted_segments_get_immediate_acks(guest, serve
     peer.close()
 
 
-def test_three_duplicate_acks_resend_only_the_hole(guest, server):
-    g, port, isn, peer = connected(guest(), server)
+@pytest.mark.parametrize("tap", [False, "batch"])
+def test_three_duplicate_acks_resend_only_the_hole(guest, server, tap):
+    g, port, isn, peer = connected(guest(tap), server)
     peer.sendall(os.urandom(300_000))
     g.run(0.1)                                                 # the whole window goes out
     sent = [(t.seq, p) for t, p in g.frames() if p]
@@ -472,8 +478,9 @@ def test_a_greeting_and_close_before_the_handshake_ends(guest, server):
     assert got[-1][0].seq + len(got[-1][1]) == synack.seq + 1 + 5        # FIN after it
 
 
-def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch):
-    g, port, isn, peer = connected(guest(), server)
+@pytest.mark.parametrize("tap", [False, "batch"])
+def test_rto_rewinds_to_the_oldest_unacknowledged_byte(guest, server, monkeypatch, tap):
+    g, port, isn, peer = connected(guest(tap), server)
     data = os.urandom(3000)
     peer.sendall(data)
     first = g.until(lambda f: sum(len(p) for _, p in f) >= len(data))

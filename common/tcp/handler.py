@@ -849,9 +849,10 @@ class TcpHandler:
                     self._event(conn, SOCK_EOF)
             conn.frames_down += 1                               # _send, written out
             if not writer.write(hdr, seq=conn.snd_nxt, ack=conn.rcv_nxt, flags=flags,
-                                window=wnd_field, payload=got, mss=mss):
+                                window=wnd_field, payload=got, mss=mss, hold=True):
                 # the tap did not take it: as if lost, the guest's ACKs will tell
                 self.counters["tap_drop"] += 1
+            payload = writer.payload6 if hdr.v6 else writer.payload4     # the next free one
             conn.snd_nxt = end
             conn.ack_sent = conn.rcv_nxt
             room -= got
@@ -866,6 +867,9 @@ class TcpHandler:
                 # the queue is empty for now; a new arrival brings a new event (edge)
                 now_drained = True
                 break
+        dropped = writer.flush()            # the segments held for one write, if any
+        if dropped:
+            self.counters["tap_drop"] += dropped
         if now_drained != bool(drained):
             self._flag(conn, DRAINED, now_drained)
         nxt = conn.snd_nxt

@@ -14,6 +14,12 @@ a burst never overwrites peeked data.
 One method writes every segment, `write`, with keyword-only arguments: a
 sequence number passed as an acknowledgement cannot go unnoticed.
 
+Runs of data segments: a tap that can send several frames in one system call
+(passt's stream socket, `send_many`) gets the segments `_push` writes in one
+turn that way, up to HOLD_MAX at once; each then needs its own data buffer,
+so there are up to HOLD_MAX of them per family, rotated (`payload4/6` always
+point at the free one).
+
 Checksums: when the tap takes partial checksums (pasta's virtio-net header),
 the TCP checksum field carries the folded pseudo-header sum and the tap is
 told where the checksum starts; otherwise (passt) the full checksum is
@@ -42,6 +48,7 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _CSUM = struct.Struct("!H")
+HOLD_MAX = 4                # data segments held for one `send_many` (each a buffer of 64 KiB)
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -67,20 +74,35 @@ class SegmentWriter:
         self.payload6 = memoryview(self.data6)[self.payload_off6:]
         self.frames = 0
         self._mac = b""                      # the destination MAC the buffers carry
+        # a tap that sends a run of frames in one call (`send_many`) gets the data
+        # segments of a `hold` run that way: each in a buffer of its own, made on first use
+        self._send_many = getattr(tap, "send_many", None)
+        self._our_mac = our_mac
+        self._slots4 = [self.data4]
+        self._slots6 = [self.data6]
+        self._slot4 = self._slot6 = 0
+        self._held: list[tuple[bytearray, int, int]] = []
 
     def _stamp(self, mac: bytes) -> None:
         """Write the guest's (new) MAC address into every buffer, once per change."""
         eth = self.eth
-        for buf in (self.data4, self.data6, self.ctrl4, self.ctrl6):
+        for buf in (*self._slots4, *self._slots6, self.ctrl4, self.ctrl6):
             buf[eth:eth + 6] = mac
         self._mac = mac
 
     def write(self, hdr: FlowHeader, *, seq: int, ack: int, flags: int, window: int,
-              payload: int = 0, mss: int = 0, options: bytes = b"") -> bool:
+              payload: int = 0, mss: int = 0, options: bytes = b"", hold: bool = False) -> bool:
         """Send one segment to the guest: `payload` bytes already peeked into
         `payload4`/`payload6` (a data segment, cut into `mss` pieces by the tap where it
         can), or none (a control segment, with TCP `options` if any); `window` is the
-        header's 16-bit field, already scaled.  False when the tap dropped it."""
+        header's 16-bit field, already scaled.  False when the tap dropped it.
+
+        `hold`: a data segment may wait, with up to HOLD_MAX others, for `flush` (or
+        the next segment written without `hold`), which sends them with one call of a
+        tap that can (`payload4`/`payload6` then point at a free buffer: read them
+        again after each write)."""
+        if self._held and not hold:
+            self.flush()
         mac = self.guest.mac
         if mac is not self._mac:             # GuestState replaces it when it changes
             self._stamp(mac)
@@ -120,6 +142,46 @@ class SegmentWriter:
         else:
             _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window, 0, 0)
             _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(memoryview(buf)[l4:end], pseudo)))
-            ok = self.tap.send(buf, eth, end)
+            if hold and payload and self._send_many is not None:
+                held = self._held
+                held.append((buf, eth, end))
+                self._next_slot(v6)
+                ok = True
+                if len(held) == HOLD_MAX:
+                    self.flush()
+            else:
+                ok = self.tap.send(buf, eth, end)
         self.frames += 1
         return ok
+
+    def flush(self) -> int:
+        """Send the held segments (see `write`); how many the tap dropped."""
+        held = self._held
+        if not held:
+            return 0
+        dropped = self._send_many(held)
+        held.clear()
+        return dropped
+
+    def _next_slot(self, v6: bool) -> None:
+        """Point the family's data buffer and payload view at the next free buffer: the
+        one after the newest held (free: never more than HOLD_MAX are held)."""
+        slots = self._slots6 if v6 else self._slots4
+        i = (self._slot6 if v6 else self._slot4) + 1
+        if i == HOLD_MAX:
+            i = 0
+        if i == len(slots):
+            size, ethertype = ((len(self.data6), ETH_P_IPV6) if v6
+                               else (len(self.data4), ETH_P_IP))
+            buf = frame_buffer(size, self.eth, self._our_mac, ethertype)
+            buf[self.eth:self.eth + 6] = self._mac or bytes(6)   # as `_stamp` left the rest
+            slots.append(buf)
+        buf = slots[i]
+        if v6:
+            self._slot6 = i
+            self.data6 = buf
+            self.payload6 = memoryview(buf)[self.payload_off6:]
+        else:
+            self._slot4 = i
+            self.data4 = buf
+            self.payload4 = memoryview(buf)[self.payload_off4:]
