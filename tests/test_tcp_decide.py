@@ -36,16 +36,20 @@ def test_trim(seq, rcv_nxt, plen, fin, want):
     assert d.trim(seq, rcv_nxt, plen, fin) == want
 
 
-def test_delayed_ack_for_a_small_segment_or_the_first_of_two_never_two_behind():
+def test_delayed_ack_for_a_small_segment_or_until_every_fourth_full_one():
     mss = 1460
+    assert d.ACK_EVERY == 4
     assert d.delay_ack(100, mss, 100)
     assert not d.delay_ack(100, mss, 2 * mss)           # two segments unacknowledged
     assert d.delay_ack(100, mss, 2 * mss - 1)
     assert d.delay_ack(mss, mss, mss)                   # the first full-sized segment waits
     assert d.delay_ack(mss // 2, mss, mss // 2)         # so does a mid-sized one
-    assert not d.delay_ack(mss, mss, 2 * mss)           # the second one is acknowledged
-    assert not d.delay_ack(mss // 2, mss, mss + 1)      # more than a segment's worth
+    assert d.delay_ack(mss, mss, 3 * mss)               # and the third
+    assert not d.delay_ack(mss, mss, 4 * mss)           # the fourth one is acknowledged
+    assert not d.delay_ack(mss // 2, mss, 4 * mss)      # four segments' worth
+    assert d.delay_ack(mss // 2, mss, 4 * mss - 1)
     assert not d.delay_ack(3 * mss, mss, 3 * mss)       # a large (GSO) segment at once
+    assert not d.delay_ack(mss + 1, mss, mss + 1)
 
 
 def test_free_space_and_when_the_kernel_counts_the_socket_full():

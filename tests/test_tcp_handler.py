@@ -418,22 +418,26 @@ def test_we_probe_a_shut_guest_window_until_it_reopens(guest, server):
     peer.close()
 
 
-def test_a_small_or_first_full_segments_ack_is_delayed_a_second_ones_is_not(guest, server):
+def test_a_small_or_full_segments_ack_is_delayed_until_the_fourth(guest, server):
     g, port, isn, peer = connected(guest(), server)
     g.frames()
     g.send(port, ISN + 1, isn + 1, ACK | PSH, b"hi")          # small: the ACK may wait
     assert g.frames() == []
     (ack, _), = g.until(bool, what="the delayed ACK")
     assert ack.ack == ISN + 3
-    g.send(port, ISN + 3, isn + 1, ACK, b"x" * 1460)          # full-sized: waits for the next
-    assert g.frames() == []
-    g.send(port, ISN + 3 + 1460, isn + 1, ACK, b"y" * 1460)   # the second: at the batch's end
+    seq = ISN + 3
+    for i in range(3):                                        # full-sized: wait for more
+        g.send(port, seq, isn + 1, ACK, bytes([65 + i]) * 1460)
+        seq += 1460
+        assert g.frames() == []
+    g.send(port, seq, isn + 1, ACK, b"w" * 1460)              # the fourth: at the batch's end
+    seq += 1460
     (ack, _), = g.frames()
-    assert ack.ack == ISN + 3 + 2 * 1460
-    g.send(port, ISN + 3 + 2 * 1460, isn + 1, ACK, b"z" * 1460)
+    assert ack.ack == seq
+    g.send(port, seq, isn + 1, ACK, b"z" * 1460)
     (ack, _), = g.until(bool, what="the delayed ACK of a lone full-sized segment")
-    assert ack.ack == ISN + 3 + 3 * 1460
-    read_exactly(peer, 2 + 3 * 1460)
+    assert ack.ack == seq + 1460
+    read_exactly(peer, 2 + 5 * 1460)
     peer.close()
 
 

@@ -89,8 +89,8 @@ Flags (`flags`): transient conditions
 -------------------------------------
     flag         set when                                   cleared when
     ACK_QUEUED   guest data or FIN wants our ACK            the batch of frames ends (flush)
-    ACK_DELAYED  a small segment, or the first larger one,  DELAYED_ACK later (if still due)
-                 wants our ACK
+    ACK_DELAYED  a small segment, or a larger one before    DELAYED_ACK later (if still due)
+                 the ACK_EVERY-th, wants our ACK
     WND_CLOSED   we advertised a window while the socket    it drains: EPOLLOUT or a look at
                  was full (EPOLLOUT re-armed, timer armed)  the socket finds room; update sent
     DROPPED      the socket took less than the guest sent   with WND_CLOSED's window update

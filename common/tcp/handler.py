@@ -93,7 +93,7 @@ from common.tcp.conn import (
     TcpConn,
     names,
 )
-from common.tcp.decide import RTO_INITIAL, seq_after
+from common.tcp.decide import ACK_EVERY, RTO_INITIAL, seq_after
 from common.tcp.isn import initial_seq
 from common.tcp.segment import (
     ACK,
@@ -642,12 +642,13 @@ class TcpHandler:
             if conn.events & FIN_ACKED:
                 self._close(conn, "fin")
             return
-        # a small segment: an answer may be on its way, and it will carry the ACK; the
-        # first larger one: the next segment's ACK acknowledges both
+        # a small segment: an answer may be on its way, and it will carry the ACK; a
+        # larger one: a later segment's ACK acknowledges it too (decide.ACK_EVERY)
         # (_flag only for a change: the flag stays set across a run of exchanges)
         mss = conn.guest_mss             # decide.delay_ack written out
         unacked = (conn.rcv_nxt - conn.ack_sent) & M32
-        if unacked < 2 * mss if plen < (mss >> 1) else unacked <= mss:
+        if (unacked < 2 * mss if plen < (mss >> 1)
+                else plen <= mss and unacked < ACK_EVERY * mss):
             if not conn.flags & ACK_DELAYED:
                 self._flag(conn, ACK_DELAYED)
         elif not conn.flags & ACK_QUEUED:
