@@ -434,6 +434,8 @@ def test_a_small_or_full_segments_ack_is_delayed_until_the_fourth(guest, server)
     seq += 1460
     (ack, _), = g.frames()
     assert ack.ack == seq
+    # which covered the ones that waited: no wake-up left to find nothing due
+    assert g.tcp._delack_timer is None and not g.tcp.delayed_acks
     g.send(port, seq, isn + 1, ACK, b"z" * 1460)
     (ack, _), = g.until(bool, what="the delayed ACK of a lone full-sized segment")
     assert ack.ack == seq + 1460

@@ -689,6 +689,15 @@ class TcpHandler:
             self._flag(conn, ACK_QUEUED, False)
             if not conn.events & CLOSED and (conn.ack_sent != conn.rcv_nxt or fl & DROPPED):
                 self._send_ack(conn)
+        if self._delack_timer is not None:
+            # a bulk transfer: the ACK just sent covers the segments whose ACK waited, and
+            # the timer would wake us only to find nothing due
+            for conn in self.delayed_acks:
+                if conn.ack_sent != conn.rcv_nxt and not conn.events & CLOSED:
+                    break
+            else:
+                self._delack_timer.cancel()
+                self._flush_delayed()
 
     def _flush_delayed(self) -> None:
         self._delack_timer = None
