@@ -817,10 +817,13 @@ class TcpHandler:
         else:
             payload = writer.payload4
             seg_max = PAYLOAD_MAX4 if self.gso else conn.guest_mss
-        recv_into = conn.sock.recv_into
+        sock = conn.sock
         dns = conn.dns
         hdr = conn.hdr
         mss = conn.guest_mss
+        # a tap that takes runs of frames: one peek fills the payloads of several
+        # segments (not for a watched DNS stream, which reads each segment's bytes)
+        multi = writer.free_payloads if writer.can_hold and dns is None else None
         batch = PUSH_BATCH
         now_drained = False
         while room > 0:
@@ -829,10 +832,13 @@ class TcpHandler:
                 # event would bring us back, the socket's edge has passed)
                 self._push_later(conn)
                 break
-            batch -= 1
-            want = room if room < seg_max else seg_max
             try:
-                got = recv_into(payload, want, MSG_PEEK)
+                if multi is not None:
+                    bufs, want = multi(hdr.v6, room, seg_max, batch)
+                    got = sock.recvmsg_into(bufs, 0, MSG_PEEK)[0]
+                else:
+                    want = room if room < seg_max else seg_max
+                    got = sock.recv_into(payload, want, MSG_PEEK)
             except BlockingIOError:
                 now_drained = True
                 break
@@ -844,28 +850,38 @@ class TcpHandler:
                 self._event(conn, SOCK_EOF)
                 self._send_fin(conn, wnd_field)
                 break
-            if dns is not None:
-                self.table.gate.dns_stream(dns, conn.snd_nxt, payload[:got])
-            flags = ACK | PSH if got < want else ACK
-            end = (conn.snd_nxt + got) & M32
-            # the far end's FIN came after all its data (EPOLLRDHUP): a short read then
-            # took the last byte, and this segment carries our FIN too
-            with_fin = (got < want and conn.events & PEER_FIN
-                        and (not conn.events & SOCK_EOF or conn.fin_seq == end))
-            if with_fin:
-                flags |= FIN
-                if not conn.events & SOCK_EOF:
-                    conn.fin_seq = end
-                    self._event(conn, SOCK_EOF)
-            conn.frames_down += 1                               # _send, written out
-            if not writer.write(hdr, seq=conn.snd_nxt, ack=conn.rcv_nxt, flags=flags,
-                                window=wnd_field, payload=got, mss=mss, hold=True):
-                # the tap did not take it: as if lost, the guest's ACKs will tell
-                self.counters["tap_drop"] += 1
-            payload = writer.payload6 if hdr.v6 else writer.payload4     # the next free one
-            conn.snd_nxt = end
-            conn.ack_sent = conn.rcv_nxt
-            room -= got
+            short = got < want              # the socket had less: its queue is empty now
+            left = got
+            with_fin = False
+            while left:
+                # the segments the peek filled, each up to seg_max; a short read ends
+                # in the last one
+                seg = left if left < seg_max else seg_max
+                left -= seg
+                batch -= 1
+                last = short and not left
+                if dns is not None:
+                    self.table.gate.dns_stream(dns, conn.snd_nxt, payload[:seg])
+                flags = ACK | PSH if last else ACK
+                end = (conn.snd_nxt + seg) & M32
+                # the far end's FIN came after all its data (EPOLLRDHUP): a short read
+                # then took the last byte, and this segment carries our FIN too
+                with_fin = (last and conn.events & PEER_FIN
+                            and (not conn.events & SOCK_EOF or conn.fin_seq == end))
+                if with_fin:
+                    flags |= FIN
+                    if not conn.events & SOCK_EOF:
+                        conn.fin_seq = end
+                        self._event(conn, SOCK_EOF)
+                conn.frames_down += 1                           # _send, written out
+                if not writer.write(hdr, seq=conn.snd_nxt, ack=conn.rcv_nxt, flags=flags,
+                                    window=wnd_field, payload=seg, mss=mss, hold=True):
+                    # the tap did not take it: as if lost, the guest's ACKs will tell
+                    self.counters["tap_drop"] += 1
+                payload = writer.payload6 if hdr.v6 else writer.payload4  # the next free
+                conn.snd_nxt = end
+                conn.ack_sent = conn.rcv_nxt
+                room -= seg
             if with_fin:
                 conn.snd_nxt = (end + 1) & M32
                 if conn.events & FIN_SENT:
@@ -873,7 +889,7 @@ class TcpHandler:
                 else:
                     self._event(conn, FIN_SENT)
                 break
-            if got < want and not conn.events & PEER_FIN:
+            if short and not conn.events & PEER_FIN:
                 # the queue is empty for now; a new arrival brings a new event (edge)
                 now_drained = True
                 break

@@ -77,6 +77,8 @@ class SegmentWriter:
         # a tap that sends a run of frames in one call (`send_many`) gets the data
         # segments of a `hold` run that way: each in a buffer of its own, made on first use
         self._send_many = getattr(tap, "send_many", None)
+        self.can_hold = self._send_many is not None and not self.offload
+        self._bufs: list[memoryview] = []
         self._our_mac = our_mac
         self._slots4 = [self.data4]
         self._slots6 = [self.data6]
@@ -142,7 +144,7 @@ class SegmentWriter:
         else:
             _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window, 0, 0)
             _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(memoryview(buf)[l4:end], pseudo)))
-            if hold and payload and self._send_many is not None:
+            if hold and payload and self.can_hold:
                 held = self._held
                 held.append((buf, eth, end))
                 self._next_slot(v6)
@@ -163,20 +165,47 @@ class SegmentWriter:
         held.clear()
         return dropped
 
-    def _next_slot(self, v6: bool) -> None:
-        """Point the family's data buffer and payload view at the next free buffer: the
-        one after the newest held (free: never more than HOLD_MAX are held)."""
+    def free_payloads(self, v6: bool, room: int, seg_max: int,
+                      limit: int) -> tuple[list[memoryview], int]:
+        """For a tap that takes runs (`can_hold`): the payload areas of the free data
+        buffers, in the order `write(hold=True)` will use them, each at most `seg_max`
+        bytes and `room` in all, at most `limit` of them; and their total size.  One
+        peek (recvmsg_into) can fill several segments' payloads at once."""
+        bufs = self._bufs
+        bufs.clear()
+        n = HOLD_MAX - len(self._held)
+        if n > limit:
+            n = limit
+        i = self._slot6 if v6 else self._slot4
+        off = self.payload_off6 if v6 else self.payload_off4
+        want = 0
+        while n and room > 0:
+            w = seg_max if room > seg_max else room
+            bufs.append(memoryview(self._slot(v6, i))[off:off + w])
+            want += w
+            room -= w
+            n -= 1
+            i = i + 1 if i + 1 < HOLD_MAX else 0
+        return bufs, want
+
+    def _slot(self, v6: bool, i: int) -> bytearray:
+        """The family's i-th data buffer, made on first use."""
         slots = self._slots6 if v6 else self._slots4
-        i = (self._slot6 if v6 else self._slot4) + 1
-        if i == HOLD_MAX:
-            i = 0
         if i == len(slots):
             size, ethertype = ((len(self.data6), ETH_P_IPV6) if v6
                                else (len(self.data4), ETH_P_IP))
             buf = frame_buffer(size, self.eth, self._our_mac, ethertype)
             buf[self.eth:self.eth + 6] = self._mac or bytes(6)   # as `_stamp` left the rest
             slots.append(buf)
-        buf = slots[i]
+        return slots[i]
+
+    def _next_slot(self, v6: bool) -> None:
+        """Point the family's data buffer and payload view at the next free buffer: the
+        one after the newest held (free: never more than HOLD_MAX are held)."""
+        i = (self._slot6 if v6 else self._slot4) + 1
+        if i == HOLD_MAX:
+            i = 0
+        buf = self._slot(v6, i)
         if v6:
             self._slot6 = i
             self.data6 = buf
