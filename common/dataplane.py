@@ -68,6 +68,7 @@ class DataPlane:
         self._flush = [h.flush for h in (self.tcp,) if h is not None]
         self._ra_timer = None
         self._backlog_timer = None
+        self._backlogs = hasattr(tap, "backlog")     # the backend may keep frames (see tap)
         self._stats_timer = None
         self._stats_last: dict[str, int] = {}
         self.on_tap_gone = lambda: loop.stop(0)
@@ -95,7 +96,7 @@ class DataPlane:
             log.info("guest link closed")
             self.loop.remove(self.tap.fileno())
             self.on_tap_gone()
-        elif self._backlog_timer is None and getattr(self.tap, "backlog", False):
+        elif self._backlog_timer is None and self._backlogs and self.tap.backlog:
             # frames the batch left in the backend's buffer: after everyone else's turn
             self._backlog_timer = self.loop.call_later(0, self._tap_backlog)
 

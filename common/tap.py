@@ -276,9 +276,12 @@ class StreamTap:
         """Hand on at most READ_BATCH frames: first those left in the buffer by the last
         call, then what recv() brings.  `backlog` says whether complete frames are left
         for the next call (the socket may have nothing new to wake us for them)."""
-        budget = self._deliver(sink, READ_BATCH)
-        if budget < 0:
-            return False
+        if self._rend != self._rstart:          # left by the last call (else no call)
+            budget = self._deliver(sink, READ_BATCH)
+            if budget < 0:
+                return False
+        else:
+            budget = READ_BATCH
         recv_into = self.sock.recv_into
         view = self._rview
         for _ in range(STREAM_RECV_BATCH):
