@@ -823,7 +823,8 @@ class TcpHandler:
         mss = conn.guest_mss
         # a tap that takes runs of frames: one peek fills the payloads of several
         # segments (not for a watched DNS stream, which reads each segment's bytes)
-        multi = writer.free_payloads if writer.can_hold and dns is None else None
+        can_hold = writer.can_hold
+        multi = writer.free_payloads if can_hold and dns is None else None
         batch = PUSH_BATCH
         now_drained = False
         while room > 0:
@@ -878,7 +879,8 @@ class TcpHandler:
                                     window=wnd_field, payload=seg, mss=mss, hold=True):
                     # the tap did not take it: as if lost, the guest's ACKs will tell
                     self.counters["tap_drop"] += 1
-                payload = writer.payload6 if hdr.v6 else writer.payload4  # the next free
+                if can_hold:
+                    payload = writer.payload6 if hdr.v6 else writer.payload4  # next free
                 conn.snd_nxt = end
                 conn.ack_sent = conn.rcv_nxt
                 room -= seg
@@ -893,9 +895,10 @@ class TcpHandler:
                 # the queue is empty for now; a new arrival brings a new event (edge)
                 now_drained = True
                 break
-        dropped = writer.flush()            # the segments held for one write, if any
-        if dropped:
-            self.counters["tap_drop"] += dropped
+        if writer.held:                     # the segments held for one write
+            dropped = writer.flush()
+            if dropped:
+                self.counters["tap_drop"] += dropped
         if now_drained != bool(drained):
             self._flag(conn, DRAINED, now_drained)
         nxt = conn.snd_nxt

@@ -83,7 +83,7 @@ class SegmentWriter:
         self._slots4 = [self.data4]
         self._slots6 = [self.data6]
         self._slot4 = self._slot6 = 0
-        self._held: list[tuple[bytearray, int, int]] = []
+        self.held: list[tuple[bytearray, int, int]] = []   # segments waiting for `flush`
 
     def _stamp(self, mac: bytes) -> None:
         """Write the guest's (new) MAC address into every buffer, once per change."""
@@ -103,7 +103,7 @@ class SegmentWriter:
         the next segment written without `hold`), which sends them with one call of a
         tap that can (`payload4`/`payload6` then point at a free buffer: read them
         again after each write)."""
-        if self._held and not hold:
+        if self.held and not hold:
             self.flush()
         mac = self.guest.mac
         if mac is not self._mac:             # GuestState replaces it when it changes
@@ -145,7 +145,7 @@ class SegmentWriter:
             _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window, 0, 0)
             _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(memoryview(buf)[l4:end], pseudo)))
             if hold and payload and self.can_hold:
-                held = self._held
+                held = self.held
                 held.append((buf, eth, end))
                 self._next_slot(v6)
                 ok = True
@@ -158,7 +158,7 @@ class SegmentWriter:
 
     def flush(self) -> int:
         """Send the held segments (see `write`); how many the tap dropped."""
-        held = self._held
+        held = self.held
         if not held:
             return 0
         dropped = self._send_many(held)
@@ -173,7 +173,7 @@ class SegmentWriter:
         peek (recvmsg_into) can fill several segments' payloads at once."""
         bufs = self._bufs
         bufs.clear()
-        n = HOLD_MAX - len(self._held)
+        n = HOLD_MAX - len(self.held)
         if n > limit:
             n = limit
         i = self._slot6 if v6 else self._slot4
