@@ -99,17 +99,21 @@ class Loop:
     def watching(self, fd: int) -> bool:
         return fd in self._handlers
 
-    def reads(self, holder, most: int) -> int:
-        """How many datagrams an event of a level-triggered socket should read: one (an
-        answer comes alone, and only a read that fails says a queue is empty: a system
-        call and an exception built), unless the socket was read on the previous turn
-        too, a burst: then up to `most`.  What one read leaves, epoll reports on the
-        next turn, which makes it a burst.  `holder.read_turn`: the turn of its last
-        read, kept here."""
+    def burst(self, holder) -> bool:
+        """Whether a level-triggered descriptor read now was also read on the previous
+        turn (a burst), recording this turn's read in `holder.read_turn`.  Outside a
+        burst a reader may stop early (only a read that fails says a queue is empty: a
+        system call and an exception built); what it leaves, epoll reports on the next
+        turn, which makes that a burst."""
         turn = self.turn
         burst = holder.read_turn == turn - 1
         holder.read_turn = turn
-        return most if burst else 1
+        return burst
+
+    def reads(self, holder, most: int) -> int:
+        """How many datagrams an event of a level-triggered socket should read: one (an
+        answer comes alone), or up to `most` in a burst (`burst`)."""
+        return most if self.burst(holder) else 1
 
     # ------------------------------------------------------------ timers
 

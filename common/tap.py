@@ -119,7 +119,7 @@ class TunTap:
         self._rview = memoryview(self._rbuf)
         self._file = open(fd, "rb", buffering=0, closefd=False)
         self._zero_hdr = bytes(VNET_HDR_LEN)
-        self._turn = -2                   # the loop's turn of the last read
+        self.read_turn = -2               # the loop's turn of the last read (Loop.burst)
 
     def fileno(self) -> int:
         return self.fd
@@ -129,13 +129,7 @@ class TunTap:
         view = self._rview
         skip = self._skip
         pcap = self.pcap
-        loop = self.loop
-        if loop is None:
-            burst = True
-        else:
-            turn = loop.turn
-            burst = turn == self._turn + 1
-            self._turn = turn
+        burst = self.loop is None or self.loop.burst(self)
         for _ in range(READ_BATCH):
             try:
                 n = readinto(view)

@@ -11,23 +11,21 @@ import socket
 
 import pytest
 
+from common.loop import Loop
 from common.tap import TunTap
-
-
-class Turns:
-    """The one thing TunTap asks of the loop: which turn it is."""
-    turn = 10
 
 
 @pytest.fixture
 def pair():
     ours, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
-    loop = Turns()
+    loop = Loop()
+    loop.turn = 10                  # the turns are set by hand: the loop never runs
     tap = TunTap(ours.detach(), vnet_hdr=False, loop=loop)
     yield tap, guest, loop
     tap.close()
     guest.close()
+    loop.close()
 
 
 def frames(n: int) -> list[bytes]:

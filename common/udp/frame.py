@@ -59,14 +59,18 @@ class DatagramWriter:
         self.udp_payload4 = v4[self.l4_off4 + UDP_LEN:]
         self.udp_payload6 = v6[self.l4_off6 + UDP_LEN:]
         self.frames = 0
-        # the guest's MAC as last written into buf4 and buf6: written again when it changes
-        self._macs: list[bytes | None] = [None, None]
+        self._mac = b""                      # the destination MAC the buffers carry
+
+    def _stamp(self, mac: bytes) -> None:
+        """Write the guest's (new) MAC address into both buffers, once per change."""
+        for buf in (self.buf4, self.buf6):
+            buf[self.eth:self.eth + 6] = mac
+        self._mac = mac
 
     def _ip(self, buf: bytearray, hdr: FlowHeader, l4_len: int) -> None:
         mac = self.guest.mac
-        if mac is not self._macs[hdr.v6]:
-            self._macs[hdr.v6] = mac
-            buf[self.eth:self.eth + 6] = mac
+        if mac is not self._mac:             # GuestState replaces it when it changes
+            self._stamp(mac)
         if hdr.v6:
             _IP6.pack_into(buf, self.l3, 0x60000000, l4_len, hdr.proto, 64, hdr.src, hdr.dst)
         else:
@@ -89,9 +93,8 @@ class DatagramWriter:
             _IP4.pack_into(buf, self.l3, 0x45, 0, total, 0, 0x4000, 64, PROTO_UDP,
                            ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF, hdr.src, hdr.dst)
         mac = self.guest.mac
-        if mac is not self._macs[hdr.v6]:
-            self._macs[hdr.v6] = mac
-            buf[self.eth:self.eth + 6] = mac
+        if mac is not self._mac:
+            self._stamp(mac)
         s = hdr.pseudo_sum + ulen
         pseudo = (s & 0xFFFF) + (s >> 16)
         end = l4 + ulen

@@ -370,9 +370,7 @@ class UdpHandler:
                 flow.bytes_down += n
                 flow.frames_down += 1
         if got:
-            flow.last = self.loop.now
-            if not flow.replied:
-                self.table.mark_replied(flow)
+            self.table.reply_seen(flow, self.loop.now)
 
     # ---------------------------------------------------------------- forwarded ports
 
