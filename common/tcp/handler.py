@@ -634,12 +634,17 @@ class TcpHandler:
         if flags & FIN:
             conn.rcv_nxt = (conn.rcv_nxt + 1) & M32
             self._event(conn, GUEST_FIN)
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            done = conn.events & FIN_ACKED
+            if not done:
+                # else the close() below sends the FIN: the guest acknowledged all we
+                # read, and what it acknowledged was discarded, so nothing unread makes
+                # it a reset (the usual end of a request: one system call less)
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
             self._send_ack(conn)
-            if conn.events & FIN_ACKED:
+            if done:
                 self._close(conn, "fin")
             return
         # a small segment: an answer may be on its way, and it will carry the ACK; a
