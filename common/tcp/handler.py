@@ -158,6 +158,9 @@ class TcpHandler:
         self.counters: Counter[str] = Counter()
         self.mss4 = conf.mtu - 40
         self.mss6 = conf.mtu - 60
+        # the options of our SYNs and SYN-ACKs, by family and window scaling: packed once
+        self._syn_opts = {(v6, ws): _syn_options(self.mss6 if v6 else self.mss4, ws)
+                          for v6 in (False, True) for ws in (None, OUR_WSCALE)}
         self.bcast4 = conf.ip4.network.broadcast_address.packed if conf.ip4 else b""
         self.gso = self.writer.can_gso
         # a backend that leaves payloads where they arrived (see common.tap) hands them
@@ -431,11 +434,10 @@ class TcpHandler:
 
     def _send_synack(self, conn: TcpConn) -> None:
         wscale = OUR_WSCALE if conn.guest_wscale >= 0 else None
-        mss = self.mss6 if conn.v6 else self.mss4
         conn.ack_sent = conn.rcv_nxt            # it acknowledges the SYN: the first
         #                                         request's ACK may wait for the answer
         self._send(conn, seq=conn.snd_una, flags=SYN | ACK, window=min(conn.rcv_wnd, 0xFFFF),
-                   options=_syn_options(mss, wscale))
+                   options=self._syn_opts[conn.v6, wscale])
 
     def _connect_failed(self, conn: TcpConn, err: int) -> None:
         refused = err == errno.ECONNREFUSED
@@ -1004,9 +1006,8 @@ class TcpHandler:
         self._send_syn(conn)
 
     def _send_syn(self, conn: TcpConn) -> None:
-        mss = self.mss6 if conn.v6 else self.mss4
         self._send(conn, seq=conn.snd_una, flags=SYN, window=min(conn.rcv_wnd, 0xFFFF),
-                   options=_syn_options(mss, OUR_WSCALE))
+                   options=self._syn_opts[conn.v6, OUR_WSCALE])
 
     # ================================================================ timers and closing
 
