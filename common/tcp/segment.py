@@ -109,50 +109,54 @@ class SegmentWriter:
         if mac is not self._mac:             # GuestState replaces it when it changes
             self._stamp(mac)
         v6 = hdr.v6
-        if payload:
-            buf, l4 = (self.data6, self.l4_6) if v6 else (self.data4, self.l4_4)
+        if v6:
+            buf, l4 = (self.data6 if payload else self.ctrl6), self.l4_6
         else:
-            buf, l4 = (self.ctrl6, self.l4_6) if v6 else (self.ctrl4, self.l4_4)
-        eth = self.eth
-        olen = len(options)
-        tcp_len = TCP_LEN + olen + payload
-        if olen:
+            buf, l4 = (self.data4 if payload else self.ctrl4), self.l4_4
+        if options:
             # options sit where a data segment's payload would start: only control buffers
+            olen = len(options)
             buf[l4 + TCP_LEN:l4 + TCP_LEN + olen] = options
+            tcp_len = TCP_LEN + olen + payload
+            doff = (TCP_LEN + olen) << 2
+        else:
+            tcp_len = TCP_LEN + payload
+            doff = TCP_LEN << 2
         l3 = self.l3
         # the header's sums are folded already: adding a 16-bit length, one step of
         # folding is all (`fold` written out: a call each was a tenth of this method)
         if v6:
             _IP6.pack_into(buf, l3, 0x60000000, tcp_len, 6, 64, hdr.src, hdr.dst)
         else:
-            total = 20 + tcp_len
-            s = hdr.ip_sum + total
-            _IP4.pack_into(buf, l3, 0x45, 0, total, 0, 0x4000, 64, 6,
+            s = hdr.ip_sum + 20 + tcp_len
+            _IP4.pack_into(buf, l3, 0x45, 0, 20 + tcp_len, 0, 0x4000, 64, 6,
                            ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF, hdr.src, hdr.dst)
         pseudo = hdr.pseudo_sum + tcp_len
-        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         end = l4 + tcp_len
-        doff = (TCP_LEN + olen) << 2
         if self.offload:
+            # the tap completes the checksum (and segments, where it can: `can_gso`
+            # goes with offload, always)
             _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window,
-                           pseudo, 0)
-            if payload > mss and self.can_gso:
+                           (pseudo & 0xFFFF) + (pseudo >> 16), 0)
+            eth = self.eth
+            if payload > mss:
                 ok = self.tap.send(buf, eth, end, l4 - eth, 16, GSO_TCP6 if v6 else GSO_TCP4,
                                    mss)
             else:
                 ok = self.tap.send(buf, eth, end, l4 - eth, 16)
         else:
             _TCP.pack_into(buf, l4, hdr.sport, hdr.dport, seq, ack, doff, flags, window, 0, 0)
-            _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(memoryview(buf)[l4:end], pseudo)))
+            _CSUM.pack_into(buf, l4 + 16, csum_finish(csum_add(
+                memoryview(buf)[l4:end], (pseudo & 0xFFFF) + (pseudo >> 16))))
             if hold and payload and self.can_hold:
                 held = self.held
-                held.append((buf, eth, end))
+                held.append((buf, self.eth, end))
                 self._next_slot(v6)
                 ok = True
                 if len(held) == HOLD_MAX:
                     self.flush()
             else:
-                ok = self.tap.send(buf, eth, end)
+                ok = self.tap.send(buf, self.eth, end)
         self.frames += 1
         return ok
 
