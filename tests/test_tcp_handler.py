@@ -8,6 +8,7 @@ sockets for the host side (the gateway address maps to 127.0.0.1).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -22,6 +23,7 @@ from common.packet.checksum import l4_checksum4
 from common.packet.frames import build_ipv4_frame
 from common.packet.ipv4 import IPPROTO_TCP
 from common.packet.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, build_tcp4, parse_tcp
+from common.tcp.handler import KEEP_MAX
 from tests.support import (
     GUEST_MAC,
     GW4,
@@ -590,4 +592,122 @@ def test_trace_logs_every_event_and_flag_change(guest, server, monkeypatch, capl
     said = " ".join(r.getMessage() for r in caplog.records if r.name == "tcp")
     for change in ("GUEST_SYN", "SYNACK_SENT", "ESTABLISHED", "ACK_DELAYED", "~ACK_DELAYED"):
         assert f": {change}" in said, (change, said)
+    peer.close()
+
+
+# ---------------------------------------------------------------- answers read, not peeked
+
+FIONREAD = 0x541B
+
+
+def unread(conn) -> int:
+    """Bytes in the host socket's receive queue."""
+    return struct.unpack("i", fcntl.ioctl(conn.fd, FIONREAD, b"\0\0\0\0"))[0]
+
+
+def stream_check(segs, base: int, expected: bytes) -> None:
+    """Every data segment carries the bytes of `expected` at its sequence number."""
+    for tcp, payload in segs:
+        if payload:
+            off = (tcp.seq - base) & 0xFFFFFFFF
+            assert payload == expected[off:off + len(payload)], f"bytes at offset {off}"
+
+
+def data_segments(g: Guest, what: str) -> list:
+    """Our segments with data, once there are some (a delayed ACK may come first)."""
+    return [(t, p) for t, p in g.until(lambda f: any(p for _, p in f), what=what) if p]
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_small_answer_is_read_and_its_ack_discards_nothing(guest, server, offload):
+    """Request, answer, request, answer: each answer leaves the host socket when it is
+    sent (its copy kept), and the guest's ACK needs no discard; the next answer follows
+    on in sequence."""
+    g, port, isn, peer = connected(guest(offload), server)
+    conn, = g.tcp.conns.values()
+    seq, nxt = ISN + 1, isn + 1
+    for size in (1, 300, 1400):
+        answer = os.urandom(size)
+        g.send(port, seq, nxt, ACK | PSH, b"q")
+        seq += 1
+        peer.recv(10)
+        peer.sendall(answer)
+        (seg, payload), = data_segments(g, "the answer")
+        assert (seg.seq, payload) == (nxt, answer)
+        assert unread(conn) == 0 and conn.kept == answer
+        nxt += size
+        g.send(port, seq, nxt, ACK)
+        assert conn.kept == b"" and unread(conn) == 0 and conn.snd_una == nxt
+    assert g.tcp.counters.get("sock_error", 0) == 0
+    peer.close()
+
+
+def test_a_kept_answer_lost_is_sent_again_from_the_copy(guest, server):
+    """The guest loses an answer we no longer have in the socket: the RTO sends it again,
+    then a partial ACK and three duplicates send the rest; more data the far end wrote
+    meanwhile follows it in sequence, every byte the one the far end sent."""
+    g, port, isn, peer = connected(guest(), server)
+    conn, = g.tcp.conns.values()
+    answer, more = os.urandom(1400), os.urandom(5000)
+    g.send(port, ISN + 1, isn + 1, ACK | PSH, b"q")
+    peer.recv(10)
+    peer.sendall(answer)
+    (seg, payload), = data_segments(g, "the answer")
+    assert payload == answer and conn.kept == answer and unread(conn) == 0
+    # lost: no ACK comes, the retransmission timer sends it again, from our copy
+    again = g.until(lambda f: any(p for _, p in f), what="the RTO")
+    assert [(t.seq, p) for t, p in again if p][0] == (isn + 1, answer)
+    peer.sendall(more)                              # in the socket, after the kept bytes
+    segs = g.until(lambda f: sum(len(p) for _, p in f) >= len(more), what="more data")
+    stream_check(segs, isn + 1, answer + more)
+    # 1000 bytes arrived; then three duplicate ACKs: the rest of the kept answer again
+    g.send(port, ISN + 2, isn + 1 + 1000, ACK)
+    assert conn.kept == answer[1000:]
+    for _ in range(3):
+        g.send(port, ISN + 2, isn + 1 + 1000, ACK)
+    resent = [(t.seq, p) for t, p in g.frames() if p]
+    assert resent[0] == (isn + 1 + 1000, answer[1000:])
+    # all acknowledged: nothing kept, nothing left unread, nothing sent twice wrongly
+    end = isn + 1 + len(answer) + len(more)
+    g.send(port, ISN + 2, end, ACK)
+    assert conn.kept == b"" and unread(conn) == 0 and conn.snd_una == end
+    peer.close()
+
+
+def test_after_small_answers_a_bulk_transfer_is_peeked_and_arrives_whole(guest, server):
+    """A small answer, then 400 kB with one timeout on the way: the first read after the
+    answer takes at most KEEP_MAX bytes, the rest is peeked; the rewind
+    resends the kept bytes from the copy and peeks on after them. sha256 of all."""
+    g, port, isn, peer = connected(guest(), server)
+    conn, = g.tcp.conns.values()
+    g.send(port, ISN + 1, isn + 1, ACK | PSH, b"q")
+    peer.recv(10)
+    peer.sendall(b"a")
+    g.until(bool, what="the answer")
+    g.send(port, ISN + 2, isn + 2, ACK)
+    data = os.urandom(400_000)
+    peer.sendall(data[:100_000])
+    segs = g.until(lambda f: sum(len(p) for _, p in f) >= 100_000, what="the first part")
+    stream_check(segs, isn + 2, data)
+    assert 0 < len(conn.kept) <= KEEP_MAX and unread(conn) == 100_000 - len(conn.kept)
+    # the guest got only 700 bytes: the timeout rewinds to them
+    g.send(port, ISN + 2, isn + 2 + 700, ACK)
+    assert conn.kept == data[700:len(conn.kept) + 700]
+    segs = g.until(lambda f: any(p for _, p in f), what="the RTO")
+    stream_check(segs, isn + 2, data)
+    assert [t.seq for t, p in segs if p][0] == isn + 2 + 700
+    peer.sendall(data[100_000:])
+    got, nxt = data[:700], isn + 2 + 700
+    deadline = 200
+    while len(got) < len(data) and deadline:
+        deadline -= 1
+        g.send(port, ISN + 2, nxt, ACK, window=65535)
+        g.run(0.02)
+        for tcp, payload in g.frames():
+            if payload and tcp.seq == nxt:
+                got += payload
+                nxt += len(payload)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    g.send(port, ISN + 2, nxt, ACK)
+    assert conn.kept == b"" and unread(conn) == 0
     peer.close()

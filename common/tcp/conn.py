@@ -11,7 +11,8 @@ the tap backend; the decisions themselves are pure functions in `decide`.
 
 Theory of operation
 -------------------
-A connection has two byte streams and we keep a copy of neither.
+A connection has two byte streams and we keep a copy of neither, but for a
+small answer (below).
 
 Guest -> host.  The guest's segments carry sequence numbers in the guest's
 space; `rcv_nxt` is the next one we expect.  An in-order segment is written
@@ -43,6 +44,16 @@ beyond the rewound `snd_nxt` (up to `snd_max`, the highest ever sent) moves
 it forward without resending what the guest already has.  Our FIN is one
 sequence number after the data (`fin_seq`): it is resent like data, after a
 rewind once the data before it went out again.
+
+Small answers.  A request's answer would cost a recv() to discard once
+acknowledged.  When nothing is in flight and the last read that emptied the
+socket's queue took at most KEEP_MAX bytes (`rr`: answers, not a bulk
+transfer), the next data is read, not peeked (at most KEEP_MAX bytes; a read
+that fills that ends `rr`), and its copy kept (`kept`, the bytes from
+`snd_una` on) until the guest acknowledges it: the ACK then costs no system
+call.  The socket's queue starts after the kept bytes, and the peek offset,
+which the kernel moves back by what a plain read takes, stays right; a
+retransmission sends the kept bytes first, from the copy.
 
 Opening.  Guest SYN: a non-blocking connect() to the (mapped) destination;
 when it completes we answer SYN-ACK with our MSS (from the MTU) and a window
@@ -155,7 +166,7 @@ class TcpConn(TapFlow):
         "rcv_nxt", "rcv_wnd", "ack_sent",
         "snd_una", "snd_nxt", "snd_max", "snd_wnd", "guest_wscale", "guest_mss", "fin_seq",
         "recover", "dup_acks", "rto", "rto_at", "retries", "deadline",
-        "wnd_poll", "wnd_poll_at", "dns",
+        "wnd_poll", "wnd_poll_at", "dns", "kept", "rr",
     )
 
     def __init__(self, key: bytes, sock: socket.socket, hdr: FlowHeader, inbound: bool,
@@ -185,6 +196,8 @@ class TcpConn(TapFlow):
         self.wnd_poll = 0.0       # next look at a full socket: in this long, at that time
         self.wnd_poll_at = 0.0
         self.dns = None           # a DnsStream when it carries DNS answers to learn from
+        self.kept = b""           # an answer read from the socket, from snd_una on
+        self.rr = True            # the last read that emptied the queue was small (see above)
 
     def __repr__(self) -> str:
         h = self.hdr

@@ -122,6 +122,7 @@ IDLE_TIMEOUT = 7200.0          # no activity at all
 DELAYED_ACK = 0.001            # longest we hold a delayed ACK (see decide.delay_ack), seconds
 WINDOW_RECHECK = 1 << 18       # measure the socket's free space again below this estimate
 DISCARD_ONE = 32 << 20         # acknowledged bytes one recv(MSG_TRUNC) discards at most
+KEEP_MAX = 2048                # an answer read and kept, not peeked: at most this (see conn)
 
 _HDR = struct.Struct("!HHIIBBH")
 _OUTQ = struct.Struct("i")
@@ -522,6 +523,17 @@ class TcpHandler:
             self._event(conn, FIN_ACKED)
         if n:
             conn.bytes_down += n
+            kept = conn.kept
+            if kept:
+                # the answer we read (see conn): gone from the socket, nothing to discard
+                k = len(kept)
+                if n < k:
+                    conn.kept = kept[n:]
+                    n = 0
+                else:
+                    conn.kept = b""
+                    n -= k
+        if n:
             # _discard_acked's first recv written out: it is the only one, mostly
             try:
                 got = conn.sock.recv_into(self._discard, min(n, DISCARD_ONE), MSG_TRUNC)
@@ -568,6 +580,9 @@ class TcpHandler:
             if conn.events & SOCK_EOF:
                 self._send(conn, seq=conn.fin_seq, flags=FIN | ACK, window=wnd_field)
             return
+        if conn.kept:                       # what is at snd_una is no longer in the socket
+            self._send_kept(conn, wnd_field)
+            return
         writer = self.writer
         if conn.v6:
             payload, seg_max = writer.payload6, PAYLOAD_MAX6 if self.gso else conn.guest_mss
@@ -585,6 +600,15 @@ class TcpHandler:
             return
         if got:
             self._send(conn, seq=conn.snd_una, flags=ACK, window=wnd_field, payload=got)
+
+    def _send_kept(self, conn: TcpConn, wnd_field: int) -> None:
+        """Send again, from our copy, the answer we read from the socket (`conn.kept`):
+        the segment at snd_una."""
+        kept = conn.kept
+        n = len(kept)
+        writer = self.writer
+        (writer.payload6 if conn.v6 else writer.payload4)[:n] = kept
+        self._send(conn, seq=conn.snd_una, flags=ACK | PSH, window=wnd_field, payload=n)
 
     def _discard_acked(self, conn: TcpConn, n: int) -> None:
         recv_into = conn.sock.recv_into
@@ -834,6 +858,8 @@ class TcpHandler:
         multi = writer.free_payloads if can_hold and dns is None else None
         batch = PUSH_BATCH
         now_drained = False
+        # a request's answer, mostly: read, not peeked, when nothing is in flight (see conn)
+        keep = multi is None and conn.rr and conn.snd_nxt == conn.snd_una
         while room > 0:
             if not batch:
                 # enough for one turn: the rest after the other flows had theirs (no
@@ -846,7 +872,17 @@ class TcpHandler:
                     got = sock.recvmsg_into(bufs, 0, MSG_PEEK)[0]
                 else:
                     want = room if room < seg_max else seg_max
-                    got = sock.recv_into(payload, want, MSG_PEEK)
+                    if keep:
+                        keep = False
+                        if want > KEEP_MAX:
+                            want = KEEP_MAX
+                        got = sock.recv_into(payload, want)
+                        if got:
+                            conn.kept = bytes(payload[:got])
+                            if got == want:
+                                conn.rr = False   # more than an answer: peek from now on
+                    else:
+                        got = sock.recv_into(payload, want, MSG_PEEK)
             except BlockingIOError:
                 now_drained = True
                 break
@@ -901,6 +937,7 @@ class TcpHandler:
             if short and not conn.events & PEER_FIN:
                 # the queue is empty for now; a new arrival brings a new event (edge)
                 now_drained = True
+                conn.rr = got <= KEEP_MAX     # an answer, likely: read the next one
                 break
         if writer.held:                     # the segments held for one write
             dropped = writer.flush()
@@ -950,6 +987,11 @@ class TcpHandler:
             conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             pass
+        if conn.kept:
+            # the socket's queue starts after the answer we read: that goes first, from
+            # our copy, and the peek (offset 0) goes on after it
+            self._send_kept(conn, self._wnd_field(conn))
+            conn.snd_nxt = (conn.snd_una + len(conn.kept)) & M32
 
     def _sock_error(self, conn: TcpConn, err: int | None) -> None:
         """The socket failed (reset by the far end, or worse): reset the guest."""
