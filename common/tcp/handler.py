@@ -251,7 +251,6 @@ class TcpHandler:
         if end - l4 < 20:
             self.counters["runt"] += 1
             return
-        v6 = frame[l3] >= 0x60
         sport, dport, seq, ack, doff, flags, window = _HDR.unpack_from(frame, l4)
         hlen = (doff >> 4) << 2
         data = l4 + hlen
@@ -261,9 +260,10 @@ class TcpHandler:
         plen = end - data
         if plog.TRACE_ON:
             log.log(plog.TRACE, "tcp guest %s:%d > :%d flags %#x seq %d ack %d len %d",
-                    "v6" if v6 else "v4", sport, dport, flags, seq, ack, plen)
+                    "v6" if frame[l3] >= 0x60 else "v4", sport, dport, flags, seq, ack, plen)
         conn = self.conns.get(key)
         if conn is None:
+            v6 = frame[l3] >= 0x60
             # no flow exists with such a key, so checking new keys is enough
             gaddr, raddr = key_addrs(key, v6)
             if forbidden(v6, gaddr, raddr):
@@ -817,7 +817,7 @@ class TcpHandler:
         finds the queue short again: the flag then changes (through _flag)
         only if it ends up different, once, at the end."""
         ev = conn.events
-        if ev & CLOSED or not ev & ESTABLISHED:
+        if not ev & ESTABLISHED:            # CLOSED too: it replaces every other event
             return
         room = conn.snd_wnd - ((conn.snd_nxt - conn.snd_una) & M32)   # decide.send_room
         drained = conn.flags & DRAINED      # as the flag stands
