@@ -132,6 +132,7 @@ SOCK_EVENTS_OPEN = IN | RDHUP | ET      # connected, the window open: OUT says n
 _ERR = 0x008     # EPOLLERR
 _FLAGS_IN_STEP = ACK_QUEUED | ACK_DELAYED | WND_CLOSED | DROPPED   # changes that do more
 _EVENTS_TIMED = GUEST_SYN | SYNACK_SENT | SYN_SENT | ESTABLISHED | FIN_SENT  # set timers
+_EVENTS_ON_TOP = GUEST_FIN | PEER_FIN | SOCK_EOF | FIN_ACKED       # no timer, no phase
 _HUP = 0x010     # EPOLLHUP
 
 
@@ -178,6 +179,14 @@ class TcpHandler:
     def _event(self, conn: TcpConn, ev: int) -> None:
         """Record a lifecycle event (table in `conn`), with the timers it implies."""
         old = conn.events
+        if ev & _EVENTS_ON_TOP:
+            # the closing events but FIN_SENT: they only accumulate (four of a
+            # connection's nine events, so told first)
+            if not old & ev:
+                conn.events = old | ev
+                if plog.TRACE_ON:
+                    log.log(plog.TRACE, "tcp %r: %s", conn, EVENT_NAMES[ev])
+            return
         if ev & PHASES:
             new = (old & ~PHASES) | ev
         elif ev == CLOSED:
@@ -190,7 +199,7 @@ class TcpHandler:
         if plog.TRACE_ON:
             log.log(plog.TRACE, "tcp %r: %s", conn, EVENT_NAMES[ev])
         if not ev & _EVENTS_TIMED:
-            return                          # GUEST_FIN, PEER_FIN, ...: no timer to set
+            return                          # CLOSED: no timer to set
         if ev == GUEST_SYN:
             # woken first when a SYN-ACK's RTO would be (connect() is quick, mostly):
             # then SYNACK_SENT's timer needs no wake-up of its own
