@@ -652,13 +652,9 @@ def break_rx(g: Guest, how: str) -> None:
         ring.publish((ring.avail_idx + g.num + 1) & 0xFFFF)
     elif how == "address in no region":
         g.post_rx(1)                        # a good one first: the frame needs both
-        i = ring.free.pop(0)
-        ring.set_desc(i, 0xDEAD0000000, 4096, WRITE)
-        ring.offer(i)
+        ring.add_raw(0xDEAD0000000, 4096, WRITE)
     elif how == "length past the memory's end":
-        i = ring.free.pop(0)
-        ring.set_desc(i, GPA_BASE + 2 * REGION_SIZE - 64, 0x100000, WRITE)
-        ring.offer(i)
+        ring.add_raw(GPA_BASE + 2 * REGION_SIZE - 64, 0x100000, WRITE)
     elif how == "descriptor loop":
         i, j = ring.free.pop(0), ring.free.pop(0)
         buf = ram.alloc(64)

@@ -128,6 +128,13 @@ class DriverRing:
         self.offer(i)
         return i
 
+    def add_raw(self, addr: int, length: int, flags: int) -> int:
+        """Offer one descriptor with whatever address, length and flags (hostile tests)."""
+        i = self.free.pop(0)
+        self.set_desc(i, addr, length, flags)
+        self.offer(i)
+        return i
+
     def offer(self, head: int, publish: bool = True) -> None:
         self.ram.pack(struct.Struct("<H"), self.avail + 4 + 2 * (self.avail_idx % self.num), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF

@@ -39,6 +39,7 @@ are given back, the used ring at each publish and request for kicks.
 from __future__ import annotations
 
 import _thread
+import itertools
 import logging
 import os
 import struct
@@ -109,7 +110,7 @@ class Virtqueue:
         self.unmap()
 
     def unmap(self) -> None:
-        for name in ("_dq", "_di", "_dh", "_avail", "_used_h", "_used_i"):
+        for name in ("_desc", "_dq", "_di", "_dh", "_avail", "_used_h", "_used_i", "_used_q"):
             view = getattr(self, name, None)
             if view is not None:
                 view.release()
@@ -164,10 +165,12 @@ class Virtqueue:
         self._dq = desc.cast("Q")
         self._di = desc.cast("I")
         self._dh = desc.cast("H")
-        desc.release()
+        self._desc = desc
         self._avail = aview[aoff:aoff + 4 + 2 * num + extra].cast("H")
         self._used_h = uview[uoff:uoff + 4 + 8 * num + extra].cast("H")
         self._used_i = uview[uoff:uoff + 4 + 8 * num].cast("I")
+        # the used entries as u64, id | len << 32 (x86: little-endian), one store each
+        self._used_q = uview[uoff + 4:uoff + 4 + 8 * num].cast("Q")
         self.mem = mem
         self.mapped = True
         # the front-end's base (SET_VRING_BASE) says where to take buffers from; the
@@ -391,7 +394,10 @@ class Virtqueue:
 
         Linux carves its receive buffers one after the other out of larger
         pages and offers them in that order, so a buffer often starts where
-        the previous one ended: such runs are copied at once.
+        the previous one ended: such runs are copied at once.  A 64 KiB frame
+        takes 16 or more buffers, so the loop below is kept to what each one
+        needs: one unpack of its descriptor (a head beyond the table makes
+        the unpack itself fail), one store of its used entry.
         """
         avail = self._avail
         num = self.num
@@ -402,57 +408,65 @@ class Virtqueue:
         if navail > num:
             raise RingError(f"available index moved by {navail}, more than the queue size "
                             f"{num}")
-        dq, di, dh, ui = self._dq, self._di, self._dh, self._used_i
+        if not navail:
+            return 0
+        limit = navail if mergeable else 1
+        first = last & mask
+        if first + limit <= num:
+            heads = avail[2 + first:2 + first + limit]
+        else:
+            heads = itertools.chain(avail[2 + first:2 + num], avail[2:2 + first + limit - num])
+        unpack = _DESC.unpack_from
+        table, uq = self._desc, self._used_q
         spans = self.mem.spans
-        used = self.used_idx
+        slot = self.used_idx & mask
         need = len(data)
         pos = 0
-        k = 0
+        k = head = 0
         run_view = first_view = None
         run_off = run_len = run_src = run_limit = first_off = 0
         run_next = -1                   # the guest address that would continue the run
-        while pos < need:
-            if k == navail:
-                return 0
-            if k and not mergeable:
-                return -1
-            head = avail[2 + ((last + k) & mask)]
-            if head >= num:
-                raise RingError(f"head index {head} beyond the queue size {num}")
-            if dh[8 * head + 6] != DESC_F_WRITE:
-                return -1
-            addr = dq[2 * head]
-            length = di[4 * head + 2]
-            n = need - pos
-            if n > length:
-                n = length
-            if addr == run_next and addr + length <= run_limit:
-                run_len += n
-            else:
-                for span in spans:
-                    if span[0] <= addr and addr + length <= span[1]:
-                        start, end, view = span
-                        break
-                else:
+        try:
+            for k, head in enumerate(heads):  # noqa: B007 - k is used after the loop
+                addr, length, flags, _nxt = unpack(table, head << 4)
+                if flags != DESC_F_WRITE:
                     return -1
-                if k == 0:
-                    if length < 12:
+                n = need - pos
+                if n > length:
+                    n = length
+                if addr == run_next and addr + length <= run_limit:
+                    run_len += n
+                else:
+                    for span in spans:
+                        if span[0] <= addr and addr + length <= span[1]:
+                            start, end, view = span
+                            break
+                    else:
                         return -1
-                    first_view, first_off = view, addr - start
-                elif run_len:
-                    run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
-                run_view, run_off, run_src, run_len, run_limit = (view, addr - start, pos, n,
-                                                                  end)
-            run_next = addr + n
-            slot = (used + k) & mask
-            ui[1 + 2 * slot] = head
-            ui[2 + 2 * slot] = n
-            pos += n
-            k += 1
+                    if first_view is None:
+                        if length < 12:
+                            return -1
+                        first_view, first_off = view, addr - start
+                    elif run_len:
+                        run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
+                    run_view, run_off, run_src, run_len, run_limit = (view, addr - start, pos,
+                                                                      n, end)
+                run_next = addr + n
+                uq[slot] = head | n << 32
+                slot = (slot + 1) & mask
+                pos += n
+                if pos >= need:
+                    break
+            else:
+                return 0 if limit == navail else -1
+        except struct.error:
+            raise RingError(f"head index {head} beyond the queue size {num}") from None
+        k += 1
         if run_len:
             run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
         if mergeable and k > 1:
             _U16.pack_into(first_view, first_off + 10, k)
+        used = self.used_idx
         self.last_avail = (last + k) & 0xFFFF
         self.used_idx = (used + k) & 0xFFFF
         if self.log is not None:
