@@ -197,3 +197,12 @@ def test_an_available_index_that_jumps_breaks_the_ring(rig: Rig) -> None:
     rig.ring.publish(NUM + 1)
     with pytest.raises(RingError, match="more than the queue size"):
         rig.q.fill(memoryview(frame(100)), True)
+
+
+def test_a_frame_may_take_the_whole_ring(rig: Rig) -> None:
+    block = rig.ram.alloc(NUM * 100)
+    rig.post([(block + 100 * i, 100) for i in range(NUM)])
+    data = frame(NUM * 100 - 50)
+    assert rig.q.fill(memoryview(data), True) == NUM
+    assert rig.q.last_avail == rig.q.used_idx == NUM
+    assert rig.received() == expect(data, NUM)

@@ -397,7 +397,8 @@ class Virtqueue:
         the previous one ended: such runs are copied at once.  A 64 KiB frame
         takes 16 or more buffers, so the loop below is kept to what each one
         needs: one unpack of its descriptor (a head beyond the table makes
-        the unpack itself fail), one store of its used entry.
+        the unpack itself fail), one store of its used entry; a region is
+        looked up and bytes copied only where a run breaks.
         """
         avail = self._avail
         num = self.num
@@ -419,51 +420,46 @@ class Virtqueue:
         unpack = _DESC.unpack_from
         table, uq = self._desc, self._used_q
         spans = self.mem.spans
-        slot = self.used_idx & mask
-        need = len(data)
-        pos = 0
-        k = head = 0
+        slot = start_slot = self.used_idx & mask
+        need = left = len(data)
+        head = 0
         run_view = first_view = None
-        run_off = run_len = run_src = run_limit = first_off = 0
-        run_next = -1                   # the guest address that would continue the run
+        run_off = run_src = first_off = 0
+        run_next = run_limit = -1       # the guest address that would continue the run
         try:
-            for k, head in enumerate(heads):  # noqa: B007 - k is used after the loop
+            for head in heads:
                 addr, length, flags, _nxt = unpack(table, head << 4)
                 if flags != DESC_F_WRITE:
                     return -1
-                n = need - pos
-                if n > length:
-                    n = length
-                if addr == run_next and addr + length <= run_limit:
-                    run_len += n
-                else:
-                    for span in spans:
-                        if span[0] <= addr and addr + length <= span[1]:
-                            start, end, view = span
+                if addr != run_next or addr + length > run_limit:
+                    # not the next piece of the run: find this buffer's region
+                    for start, end, view in spans:  # noqa: B007 - used after the break
+                        if start <= addr and addr + length <= end:
                             break
                     else:
                         return -1
-                    if first_view is None:
+                    pos = need - left
+                    if run_view is None:
                         if length < 12:
                             return -1
                         first_view, first_off = view, addr - start
-                    elif run_len:
-                        run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
-                    run_view, run_off, run_src, run_len, run_limit = (view, addr - start, pos,
-                                                                      n, end)
-                run_next = addr + n
-                uq[slot] = head | n << 32
-                slot = (slot + 1) & mask
-                pos += n
-                if pos >= need:
+                    else:
+                        run_view[run_off:run_off + pos - run_src] = data[run_src:pos]
+                    run_view, run_off, run_src, run_limit = view, addr - start, pos, end
+                if length >= left:
+                    uq[slot] = head | left << 32
+                    slot = (slot + 1) & mask
                     break
+                uq[slot] = head | length << 32
+                slot = (slot + 1) & mask
+                run_next = addr + length
+                left -= length
             else:
                 return 0 if limit == navail else -1
         except struct.error:
             raise RingError(f"head index {head} beyond the queue size {num}") from None
-        k += 1
-        if run_len:
-            run_view[run_off:run_off + run_len] = data[run_src:run_src + run_len]
+        run_view[run_off:run_off + need - run_src] = data[run_src:need]
+        k = (slot - start_slot) & mask or num     # all `num` of them: the slot came round
         if mergeable and k > 1:
             _U16.pack_into(first_view, first_off + 10, k)
         used = self.used_idx
