@@ -200,35 +200,49 @@ class VhostUserTap:
         at = total
         for piece in tail:
             at -= piece[2]
-        # the longest headers we may read: Ethernet, IPv4 with options, TCP with options
-        want = hdr + HEADERS_MAX if hdr + HEADERS_MAX < total else total
-        while at < want:
-            view, off, length = tail[0]
-            n = want - at if want - at < length else length
-            buf[at:at + n] = view[off:off + n]
-            at += n
-            if n == length:
-                del tail[0]
-            else:
-                tail[0] = (view, off + n, length - n)
-        if not tail:
-            return
-        eth = hdr + 12
+        if self._tcp_headers_end(buf, hdr, at) == 0:
+            # the longest headers we may read: Ethernet, IPv4 with options, TCP with options
+            want = hdr + HEADERS_MAX if hdr + HEADERS_MAX < total else total
+            while at < want:
+                view, off, length = tail[0]
+                n = want - at if want - at < length else length
+                buf[at:at + n] = view[off:off + n]
+                at += n
+                if n == length:
+                    del tail[0]
+                else:
+                    tail[0] = (view, off + n, length - n)
+            if not tail:
+                return
+            if self._tcp_headers_end(buf, hdr, at) == 0:
+                for view, off, length in tail:
+                    buf[at:at + length] = view[off:off + length]
+                    at += length
+                tail.clear()
+                return
+        self._tail_at = at - hdr
+        self.payload_in_place += 1
+
+    @staticmethod
+    def _tcp_headers_end(buf: bytearray, hdr: int, at: int) -> int:
+        """Where the TCP header ends if buf[:at] holds a TCP segment's headers whole, else 0.
+
+        Linux puts a segment's headers (and the virtio-net header) in its first
+        descriptor: that is all the copy a segment with its payload in place needs."""
+        if at < hdr + 54:                  # Ethernet, IPv4 and TCP without options
+            return 0
         l4 = 0
-        if buf[eth] == 0x08 and buf[eth + 1] == 0x00:
+        if buf[hdr + 12] == 0x08 and buf[hdr + 13] == 0x00:
             if buf[hdr + 23] == 6:
                 l4 = hdr + 14 + (buf[hdr + 14] & 0x0F) * 4
-        elif buf[eth] == 0x86 and buf[eth + 1] == 0xDD:
+        elif buf[hdr + 12] == 0x86 and buf[hdr + 13] == 0xDD:
             if buf[hdr + 20] == 6:
                 l4 = hdr + 54
-        if l4 and l4 + 20 <= at and l4 + (buf[l4 + 12] >> 4) * 4 <= at:
-            self._tail_at = at - hdr
-            self.payload_in_place += 1
-            return
-        for view, off, length in tail:
-            buf[at:at + length] = view[off:off + length]
-            at += length
-        tail.clear()
+        if l4 and l4 + 20 <= at:
+            end = l4 + (buf[l4 + 12] >> 4) * 4
+            if end <= at:
+                return end
+        return 0
 
     def payload(self, frame: memoryview, start: int, end: int) -> list[memoryview]:
         """frame[start:end] as the buffers that hold it (`common.tap`'s optional scatter
