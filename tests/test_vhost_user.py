@@ -322,13 +322,19 @@ def test_tcp_payload_is_sent_from_guest_memory(server: Server, guest: Guest) -> 
             guest.send_frame(segment(seq, ack, ACK | PSH, data), split=split, indirect=indirect)
             seq += len(data)
             sent += data
+        # a resend that overlaps what we have: its payload starts inside a piece in place
+        data = os.urandom(1000)
+        guest.send_frame(segment(seq - 500, ack, ACK | PSH, sent[-500:] + data),
+                         split=[66, 700, 800, 0])
+        seq += len(data)
+        sent += data
         got = b""
         while len(got) < len(sent):
             chunk = peer.recv(65536)
             assert chunk, "the connection ended early"
             got += chunk
         assert got == sent
-        assert server.call(lambda: server.session.conn.tap.payload_in_place) == 6
+        assert server.call(lambda: server.session.conn.tap.payload_in_place) == 7
         peer.close()
     finally:
         lsock.close()

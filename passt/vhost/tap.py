@@ -81,7 +81,7 @@ class VhostUserTap:
         self._rbuf = bytearray(self.hdr_len + FRAME_MAX)
         self._rview = memoryview(self._rbuf)
         self._tx_pieces: list[Piece] = []
-        self._tail: list[Piece] = []      # the payload of the frame being handled, in place
+        self._tail: list[memoryview] = []  # the payload of the frame being handled, in place
         self._tail_at = 0                 # where in that frame the tail starts
         self._iov: list[memoryview] = []
         self._rx_pieces: list[Piece] = []
@@ -199,25 +199,26 @@ class VhostUserTap:
         tail = self._tail
         at = total
         for piece in tail:
-            at -= piece[2]
+            at -= len(piece)
         if self._tcp_headers_end(buf, hdr, at) == 0:
             # the longest headers we may read: Ethernet, IPv4 with options, TCP with options
             want = hdr + HEADERS_MAX if hdr + HEADERS_MAX < total else total
             while at < want:
-                view, off, length = tail[0]
+                piece = tail[0]
+                length = len(piece)
                 n = want - at if want - at < length else length
-                buf[at:at + n] = view[off:off + n]
+                buf[at:at + n] = piece[:n]
                 at += n
                 if n == length:
                     del tail[0]
                 else:
-                    tail[0] = (view, off + n, length - n)
+                    tail[0] = piece[n:]
             if not tail:
                 return
             if self._tcp_headers_end(buf, hdr, at) == 0:
-                for view, off, length in tail:
-                    buf[at:at + length] = view[off:off + length]
-                    at += length
+                for piece in tail:
+                    buf[at:at + len(piece)] = piece
+                    at += len(piece)
                 tail.clear()
                 return
         self._tail_at = at - hdr
@@ -251,17 +252,17 @@ class VhostUserTap:
         at = self._tail_at
         if not tail or end <= at:
             return [frame[start:end]]
+        if start == at and end == len(frame):
+            return tail                   # the whole payload is the tail (the usual case)
         iov = self._iov
         iov.clear()
         if start < at:
             iov.append(frame[start:at])
         pos = at
-        for view, off, length in tail:
-            nxt = pos + length
+        for piece in tail:
+            nxt = pos + len(piece)
             if nxt > start:
-                s = start - pos if start > pos else 0
-                e = end - pos if end < nxt else length
-                iov.append(view[off + s:off + e])
+                iov.append(piece[start - pos if start > pos else 0:end - pos])
                 if nxt >= end:
                     break
             pos = nxt

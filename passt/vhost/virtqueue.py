@@ -225,7 +225,7 @@ class Virtqueue:
                 return 0
         return self._chain_slow(head, pieces, want)
 
-    def gather(self, head: int, buf: bytearray, tail: list[Piece] | None = None,
+    def gather(self, head: int, buf: bytearray, tail: list[memoryview] | None = None,
                copy: int = 0) -> int:
         """Copy the device-readable buffer of `head` into `buf`; its length.
 
@@ -235,10 +235,10 @@ class Virtqueue:
         then walks it with `chain()`, which says what is wrong.
 
         With `tail`, only the descriptors that start within the first `copy`
-        bytes are copied; the others are appended to `tail` as (view, offset,
-        length) of guest memory, checked like the rest, for the caller to
-        read in place (Linux sends a segment's headers in the first
-        descriptors and its payload in page fragments after them).
+        bytes are copied; the others are appended to `tail` as views of guest
+        memory, checked like the rest, for the caller to read in place (Linux
+        sends a segment's headers in the first descriptors and its payload in
+        page fragments after them).
         """
         dh = self._dh
         flags = dh[8 * head + 6]
@@ -274,7 +274,7 @@ class Virtqueue:
                 if tail is None or pos < copy:
                     buf[pos:pos + length] = dview[off:off + length]
                 else:
-                    tail.append((dview, off, length))
+                    tail.append(dview[off:off + length])
                 pos += length
                 if not flags & DESC_F_NEXT:
                     return pos
@@ -300,7 +300,7 @@ class Virtqueue:
             if tail is None or pos < copy:
                 buf[pos:pos + length] = dview[off:off + length]
             else:
-                tail.append((dview, off, length))
+                tail.append(dview[off:off + length])
             pos += length
             if not flags & DESC_F_NEXT:
                 return pos
