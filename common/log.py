@@ -9,7 +9,6 @@ packet (level TRACE, below DEBUG).  Hot paths guard trace calls with
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 
@@ -109,8 +108,11 @@ def detach(conf: LogConfig, prog: str) -> None:
     if conf.file:
         return
     if os.path.exists("/dev/log"):
+        # imported here: 5-10 ms of start-up that only a daemon logging to syslog pays
+        from logging.handlers import SysLogHandler
+
         try:
-            sh = logging.handlers.SysLogHandler(address="/dev/log")
+            sh = SysLogHandler(address="/dev/log")
             sh.setFormatter(logging.Formatter(f"{prog}[%(process)d]: %(message)s"))
             root.addHandler(sh)
             return

@@ -97,7 +97,6 @@ PRELOAD: tuple[str, ...] = (
     "common.loop",               # common.tap
     "common.guest",
     "encodings.idna",            # str.encode("idna") in hostname handling
-    "logging.handlers",
 )
 
 # common.packet.checksum sums large frames with numpy, whose import costs about

@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable
 
-from inotify_simple import INotify, flags
 
 from common.loop import IN, Loop
 
@@ -48,6 +47,10 @@ class NetnsFileWatch:
         st = os.fstat(netns_fd)
         self.ident = (st.st_dev, st.st_ino)
         self.on_gone = on_gone
+        # only a --netns PATH target needs it: the import (ctypes.util, subprocess) would
+        # cost every other start-up 5-10 ms
+        from inotify_simple import INotify, flags
+
         self.inotify = INotify()
         self.inotify.add_watch(os.path.dirname(path) or ".",
                                flags.DELETE | flags.MOVED_FROM | flags.CREATE | flags.ATTRIB

@@ -37,6 +37,9 @@ SETUP_ONLY = {
     ("pasta/ns.py", "_check_type"): "opening the target namespaces",
     ("pasta/session.py", "_guest_state"): "Session.setup",
     ("common/seccomp.py", "<module>"): "the __main__ block: a developer's tool",
+    ("common/log.py", "detach"): "daemon start-up: syslog's handler is made before the "
+    "sandbox",
+    ("pasta/watch.py", "__init__"): "NetnsFileWatch is made in Session.watch_target",
 }
 
 
