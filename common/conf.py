@@ -19,7 +19,6 @@ import grp
 import ipaddress
 import pwd
 import socket
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
 
@@ -28,6 +27,7 @@ from common.fwd import ForwardSpec, forward_config
 from common.helper import Helper
 from common.hostinfo import HostInfo, HostRoute, discover, prefetch_netlink
 from common.policy import DEFAULTS, DENY_ACTIONS, PolicyConfig, PolicyError, parse_cli
+from common.record import field, record
 
 MTU_DEFAULT = 65520
 MTU_MIN = 68
@@ -46,7 +46,7 @@ class ConfigError(Exception):
     """The configuration cannot be built; the message is one line."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ip4Config:
     addr: IPv4Address                    # the guest's address (default: the host's)
     prefix_len: int
@@ -68,7 +68,7 @@ class Ip4Config:
         return IPv4Interface((self.addr, self.prefix_len)).network
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ip6Config:
     addr: IPv6Address | None             # the guest's global address (default: the host's);
                                          # None in local mode: only its link-local
@@ -92,7 +92,7 @@ class Ip6Config:
         return None if self.addr is None else IPv6Interface((self.addr, 64)).network
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Services:
     tcp: bool = True
     udp: bool = True
@@ -103,7 +103,7 @@ class Services:
     ra: bool = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LogConfig:
     debug: bool = False
     trace: bool = False
@@ -113,7 +113,7 @@ class LogConfig:
     size: int = LOG_SIZE_DEFAULT
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProcessConfig:
     foreground: bool = False
     pid_file: str | None = None
@@ -122,7 +122,7 @@ class ProcessConfig:
     chroot_fallback: bool = False          # --chroot-fallback: for the sandbox (issue 10)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     mtu: int
     our_mac: bytes                       # source MAC of everything we send to the guest

@@ -37,7 +37,6 @@ options are left out, lowest priority first.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.conf import Config
 from common.guest import GuestState
@@ -46,6 +45,7 @@ from common.packet.ethernet import ETH_P_IP, parse_ethernet
 from common.packet.frames import udp4_frame
 from common.packet.ipv4 import IPPROTO_UDP, parse_ipv4
 from common.packet.udp import parse_udp
+from common.record import record
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -107,7 +107,7 @@ _ZERO4 = b"\0" * 4
 # ---------------------------------------------------------------- parsing
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class DhcpMessage:
     op: int
     htype: int

@@ -18,9 +18,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
 
 from common.flow import UDP_SPLICE
+from common.record import asdict, record
 
 FlowSource = Callable[[], Iterable["FlowRecord"]]
 
@@ -31,7 +31,7 @@ _BYTES_AT = 120
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 
 
-@dataclass(slots=True)                # not frozen: built twice per flow for the flow log
+@record(slots=True)                # not frozen: built twice per flow for the flow log
 class FlowRecord:
     proto: str                       # "tcp", "udp", "icmp"
     path: str                        # "tap" (through the guest link), "loopback" (through

@@ -36,9 +36,10 @@ port is excluded is an error, and `all` is allowed in pasta too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
+
+from common.record import field, record, replace
 
 PORT_MAX = 65535
 IFNAMSIZ = 16                      # Linux: interface names are at most 15 bytes + NUL
@@ -53,7 +54,7 @@ class SpecError(ValueError):
     """A forwarding spec that cannot be parsed or added; the message is one line."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Rule:
     """Listen on ports first..last at `addr` (None: every address) and `ifname`;
     port p goes to port `to + p - first`, at `to_addr` (None: the guest's)."""
@@ -106,7 +107,7 @@ class Rule:
         return f"{where}:{ports} => {to}{flags}"
 
 
-@dataclass(frozen=True, repr=False)
+@record(frozen=True)
 class ForwardSpec:
     """The table of one protocol and direction.  `text` keeps the specs as given."""
     rules: tuple[Rule, ...] = ()

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from common.helper import Helper, run_in_child
+from common.record import field, record
 
 IPAddress = IPv4Address | IPv6Address
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostRoute:
     dst: str                # "default" or a network in CIDR form
     gateway: str | None
     metric: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FamilyInfo:
     """One address family on its template (outbound) interface."""
     ifname: str
@@ -35,7 +35,7 @@ class FamilyInfo:
     routes: tuple[HostRoute, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostInfo:
     v4: FamilyInfo | None
     v6: FamilyInfo | None
@@ -44,7 +44,7 @@ class HostInfo:
     search: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ResolvConf:
     nameservers: tuple[str, ...]
     search: tuple[str, ...]

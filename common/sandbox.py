@@ -53,10 +53,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common import isolation, sandbox_start, seccomp, syscalls
+from common.record import record
 
 if TYPE_CHECKING:
     from common.conf import Config
@@ -160,7 +160,7 @@ class _NoImports:
 
 # ---------------------------------------------------------------- 3. the sandbox
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Plan:
     mode: str                        # "pasta" or "passt"
     run_as: tuple[int, int] | None   # switch to this uid/gid (root in the initial userns)

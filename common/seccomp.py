@@ -37,7 +37,8 @@ import signal
 import struct
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from common.record import record
 
 # ---------------------------------------------------------------- system call numbers
 
@@ -149,7 +150,7 @@ def _numbers(table: str) -> dict[str, int]:
     return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arch:
     name: str
     audit: int                 # AUDIT_ARCH_* as the kernel reports it in seccomp_data
@@ -211,7 +212,7 @@ def _off_arg(index: int) -> int:
     return 16 + 8 * index
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rule:
     """Allow `name`; if `arg` is set, only when args[arg] (low 32 bits) is one of `values`."""
     name: str
@@ -220,7 +221,7 @@ class Rule:
     values: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Insn:
     code: int
     jt: int

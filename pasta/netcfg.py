@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from dataclasses import asdict, dataclass, field
 from socket import AF_INET, AF_INET6
+
+from common.record import asdict, field, record
 
 TYPE_CHECKING = False            # the helper imports this module: only what it needs
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ RTPROT_BOOT = 3                         # as ip(8) marks the routes it adds
 RTN_UNICAST = 1
 
 
-@dataclass
+@record
 class NetPlan:
     """Everything the helper applies, as plain data."""
     ifname: str | None                  # None: --splice-only, no tap

@@ -20,9 +20,10 @@ import ctypes
 import os
 import signal
 import sys
-from dataclasses import dataclass
 
 import prctl
+
+from common.record import record
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -55,7 +56,7 @@ def same_ns(fd: int, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-@dataclass
+@record
 class Target:
     """Open namespace file descriptors of what we serve, and how to watch it."""
     netns_fd: int

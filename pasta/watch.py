@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable
 
-
 from common.loop import IN, Loop
 
 log = logging.getLogger("watch")

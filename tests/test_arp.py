@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from ipaddress import IPv4Address
 
 import pytest
@@ -15,6 +14,7 @@ from common.guest import GuestState
 from common.hostinfo import FamilyInfo, HostInfo
 from common.packet.arp import ARPOP_REPLY, ARPOP_REQUEST, Arp, build_arp, parse_arp
 from common.packet.ethernet import ETH_P_ARP, ETH_P_IP, build_ethernet, parse_ethernet
+from common.record import replace
 
 OUR_MAC = bytes.fromhex("021122334455")
 GUEST_MAC = bytes.fromhex("52540000abcd")
@@ -154,7 +154,7 @@ def test_reply_goes_to_sender_hardware_address(conf, guest):
 
 
 def test_no_ipv4_no_answer(conf, guest):
-    conf6 = dataclasses.replace(conf, ip4=None)
+    conf6 = replace(conf, ip4=None)
     assert arp.handle(request("192.0.2.1"), conf6, guest) == []
 
 

@@ -35,6 +35,7 @@ from common.packet.ethernet import ETH_P_IP, parse_ethernet
 from common.packet.frames import udp4_frame
 from common.packet.ipv4 import IPPROTO_UDP, parse_ipv4
 from common.packet.udp import parse_udp
+from common.record import replace
 
 CLIENT_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("021122334455")
@@ -351,7 +352,7 @@ def test_invalid_hostname_left_out():
 
 @pytest.mark.parametrize("mtu, expected", [(1500, 1500), (65520, 65520), (70000, 65535)])
 def test_mtu_option(conf, mtu, expected):
-    conf = dataclasses.replace(conf, mtu=mtu)
+    conf = replace(conf, mtu=mtu)
     r = one_reply(dhcp.handle(frame(bootp(DHCPDISCOVER)), conf, GuestState(conf)))
     assert r.msg.options[26] == struct.pack("!H", expected)
 
@@ -359,7 +360,7 @@ def test_mtu_option(conf, mtu, expected):
 @pytest.mark.parametrize("prefix, mask", [(8, "255.0.0.0"), (23, "255.255.254.0"),
                                           (32, "255.255.255.255"), (0, "0.0.0.0")])
 def test_subnet_mask(conf, prefix, mask):
-    conf = dataclasses.replace(conf, ip4=dataclasses.replace(conf.ip4, prefix_len=prefix))
+    conf = replace(conf, ip4=replace(conf.ip4, prefix_len=prefix))
     r = one_reply(dhcp.handle(frame(bootp(DHCPDISCOVER)), conf, GuestState(conf)))
     assert r.msg.options[1] == ip(mask)
 
@@ -417,7 +418,7 @@ def test_search_list_instances_each_within_255(conf):
 
 def test_many_dns_servers_split(conf):
     servers = tuple(IPv4Address(f"10.0.{i // 250}.{i % 250 + 1}") for i in range(70))
-    conf = dataclasses.replace(conf, ip4=dataclasses.replace(conf.ip4, dns=servers))
+    conf = replace(conf, ip4=replace(conf.ip4, dns=servers))
     msg = bootp(DHCPDISCOVER, opt(57, struct.pack("!H", 1500)))
     r = one_reply(dhcp.handle(frame(msg), conf, GuestState(conf)))
     assert r.msg.options[6] == b"".join(a.packed for a in servers)
@@ -433,7 +434,7 @@ def test_client_max_size_below_576_ignored(conf):
 
 
 def test_client_max_size_capped_by_our_mtu(conf):
-    conf = dataclasses.replace(make_conf(search=names_of(40)), mtu=1000)
+    conf = replace(make_conf(search=names_of(40)), mtu=1000)
     msg = bootp(DHCPDISCOVER, opt(57, struct.pack("!H", 9000)))
     r = one_reply(dhcp.handle(frame(msg), conf, GuestState(conf)))
     assert 576 - 28 < r.length <= 1000 - 28
@@ -520,7 +521,7 @@ def test_wrong_port_and_protocol_dropped(conf, guest):
 
 
 def test_no_ipv4_config(conf, guest):
-    assert dhcp.handle(frame(bootp(DHCPDISCOVER)), dataclasses.replace(conf, ip4=None),
+    assert dhcp.handle(frame(bootp(DHCPDISCOVER)), replace(conf, ip4=None),
                        guest) == []
 
 

@@ -8,7 +8,6 @@ systemd-networkd, NetworkManager) goes through.
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 from ipaddress import IPv6Address
 
 import pytest
@@ -23,6 +22,7 @@ from common.packet.ethernet import ETH_P_IPV6, parse_ethernet
 from common.packet.frames import udp6_frame
 from common.packet.ipv6 import IPPROTO_UDP, parse_ipv6
 from common.packet.udp import parse_udp
+from common.record import replace
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("025500000001")

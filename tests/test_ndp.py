@@ -7,7 +7,6 @@ option parser), and every checksum is verified against the RFC 1071 oracle.
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 from ipaddress import IPv6Address
 
 import pytest
@@ -30,6 +29,7 @@ from common.packet.icmp import (
     build_icmp6,
 )
 from common.packet.ipv6 import IPPROTO_ICMPV6, parse_ipv6
+from common.record import replace
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("025500000001")

@@ -16,7 +16,7 @@ Modules, one protocol each:
 
 Conventions:
 
-- Pure functions and small slotted dataclasses over bytes; no I/O, no globals,
+- Pure functions and small slotted records (common.record) over bytes; no I/O, no globals,
   nothing here knows about flows, sockets or the configuration.
 - Parsers take `bytes`, `bytearray` or `memoryview` and return
   `(header, payload)` where the payload is a `memoryview` of the input (no

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.errors import MalformedPacket
+from common.record import record
 
 ARPHRD_ETHER = 1
 ARP_PTYPE_IP = 0x0800
@@ -16,7 +16,7 @@ ARP_LEN = 28
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Arp:
     op: int
     sha: bytes      # sender hardware address

@@ -6,9 +6,9 @@ No 802.1Q tags: the tap and the QEMU socket never carry them to us.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.errors import MalformedPacket
+from common.record import record
 
 ETH_HLEN = 14
 ETH_ALEN = 6
@@ -20,7 +20,7 @@ BROADCAST_MAC = b"\xff" * 6
 _HDR = struct.Struct("!6s6sH")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Ethernet:
     dst: bytes
     src: bytes

@@ -12,11 +12,11 @@ assuming a plain 20- or 40-byte outer header.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.checksum import checksum, csum_add, csum_finish, pseudo6
 from common.packet.errors import MalformedPacket
 from common.packet.ipv6 import IPPROTO_ICMPV6
+from common.record import record
 
 ICMP_HLEN = 8
 
@@ -64,7 +64,7 @@ _HDR = struct.Struct("!BBH4s")
 _ZERO4 = b"\0" * 4
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Icmp:
     type: int
     code: int

@@ -7,10 +7,10 @@ starts, and everything we send has a plain 20-byte header.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.checksum import checksum, csum_finish
 from common.packet.errors import MalformedPacket
+from common.record import record
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
@@ -23,7 +23,7 @@ IP_OFFMASK = 0x1fff
 _HDR = struct.Struct("!BBHHHBBH4s4s")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class IPv4:
     src: bytes
     dst: bytes

@@ -10,10 +10,10 @@ the L4 header should drop those.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.errors import MalformedPacket
 from common.packet.ipv4 import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP  # noqa: F401
+from common.record import record
 
 IPPROTO_HOPOPTS = 0
 IPPROTO_ROUTING = 43
@@ -32,7 +32,7 @@ _HDR = struct.Struct("!IHBB16s16s")
 _FRAG = struct.Struct("!BxH")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class IPv6:
     src: bytes
     dst: bytes

@@ -10,11 +10,11 @@ makes the whole header malformed.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.checksum import csum_add, csum_finish, pseudo4, pseudo6
 from common.packet.errors import MalformedPacket
 from common.packet.ipv4 import IPPROTO_TCP
+from common.record import record
 
 FIN = 0x01
 SYN = 0x02
@@ -40,7 +40,7 @@ _HDR = struct.Struct("!HHIIBBHHH")
 _II = struct.Struct("!II")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class TcpOptions:
     mss: int | None = None
     wscale: int | None = None
@@ -52,7 +52,7 @@ class TcpOptions:
 NO_OPTIONS = TcpOptions()
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Tcp:
     sport: int
     dport: int

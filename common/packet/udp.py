@@ -7,18 +7,18 @@ and is invalid over IPv6, RFC 8200 section 8.1).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.checksum import csum_add, csum_finish, pseudo4, pseudo6
 from common.packet.errors import MalformedPacket
 from common.packet.ipv4 import IPPROTO_UDP
+from common.record import record
 
 UDP_HLEN = 8
 
 _HDR = struct.Struct("!HHHH")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Udp:
     sport: int
     dport: int

@@ -19,7 +19,6 @@ EMSGSIZE) concern our socket, not the path, and are not forwarded.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from common.packet.checksum import checksum
 from common.packet.icmp import (
@@ -34,6 +33,7 @@ from common.packet.icmp import (
     build_icmp4_error,
     build_icmp6_error,
 )
+from common.record import record
 
 SOL_IP, SOL_IPV6 = 0, 41
 IP_RECVERR = 11
@@ -50,7 +50,7 @@ FORWARDED6 = frozenset((ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCE
                         ICMPV6_PARAMPROB))
 
 
-@dataclass(slots=True, frozen=True)
+@record(slots=True, frozen=True)
 class SockError:
     errno: int
     origin: int
