@@ -62,6 +62,7 @@ echo MIGRATE-NOW > /dev/ttyS0
 n=0
 until echo | timeout 2 nc @GW4@ {MIGRATED_PORT} >/dev/null 2>&1; do
     n=$((n + 1)); [ $n -lt 600 ] || exit 11; sleep 0.2
+    [ $((n % 25)) -ne 0 ] || echo "POLLING $n"      # alive, whatever the network does
 done
 echo "TCP-DOWN2=$(timeout 120 nc @GW4@ 5002 < /dev/null | sha256sum | cut -d' ' -f1)"
 """
@@ -112,6 +113,27 @@ class Monitor:
         self.sock.close()
 
 
+def cpu_state(path: Path) -> str:
+    """What a guest that stopped answering is doing: run state and registers, twice
+    (a guest that moves on is alive, one stuck at the same place is not)."""
+    try:
+        mon = Monitor(path)
+    except (OSError, ConnectionError, AssertionError) as exc:
+        return f"no monitor: {exc!r}"
+    try:
+        out = [line for line in mon.command("info status").splitlines() if "VM status" in line]
+        for _ in range(2):
+            regs = mon.command("info registers")
+            out += [line for line in regs.splitlines()
+                    if line.startswith(("RIP", "EIP", "RSP", "ESP", "CR0"))]
+            time.sleep(1)
+        return "\n".join(out)
+    except OSError as exc:
+        return f"monitor failed: {exc!r}"
+    finally:
+        mon.close()
+
+
 @pytest.fixture(scope="module")
 def guest_image() -> GuestImage:
     require(QEMU, "ip")
@@ -133,6 +155,7 @@ def test_guest_migrates_to_another_passt_and_keeps_its_network(guest_image: Gues
                 [*up.exec_prefix(), *our_command("passt"), "-f", "-d", "--vhost-user",
                  "-s", str(sock)], log, ready=sock)), sock, log)
         monitor_path = tmp_path / "monitor-a.socket"
+        monitor_b = tmp_path / "monitor-b.socket"
         migration = tmp_path / "migration.socket"
         console_b = tmp_path / "console-b.log"
         console_b.touch()
@@ -161,7 +184,8 @@ def test_guest_migrates_to_another_passt_and_keeps_its_network(guest_image: Gues
                 cmd = qemu_command(guest_image, Path(initrd), console_b,
                                    vhost_netdev(passts["b"][1]), memory_mb=GUEST_MEMORY_MB,
                                    device_opts=VHOST_DEVICE_OPTS,
-                                   extra_args=["-incoming", f"unix:{migration}"])
+                                   extra_args=["-incoming", f"unix:{migration}", "-monitor",
+                                               f"unix:{monitor_b},server=on,wait=off"])
                 with open(tmp_path / "qemu-b.stderr", "wb") as err:
                     state["b"] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err,
                                                   stderr=err, start_new_session=True)
@@ -218,6 +242,7 @@ def test_guest_migrates_to_another_passt_and_keeps_its_network(guest_image: Gues
             try:
                 b.wait(timeout=BOOT_TIMEOUT)
             except subprocess.TimeoutExpired:
+                state["B at the end"] = cpu_state(monitor_b)
                 b.kill()
                 b.wait()
                 raise AssertionError("the guest on B did not finish" + why()) from None
