@@ -25,7 +25,10 @@ import re
 import struct
 import sys
 from ipaddress import IPv4Address, IPv6Address
-from typing import BinaryIO
+
+TYPE_CHECKING = False   # typing itself costs 2-5 ms at start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 STATE_TCP_LISTEN = b"0A"
 STATE_UDP_UNCONNECTED = b"07"

@@ -24,14 +24,17 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from common.loop import IN, Loop
 from pasta.ns import CLONE_NEWNET, NamespaceError, setns
 
-CALL_TIMEOUT = 5.0             # seconds the loop may wait for the thread, at most
+TYPE_CHECKING = False   # typing itself costs 2-5 ms at start-up
+if TYPE_CHECKING:
+    from typing import Any
 
-Done = Callable[[bool, Any], None]
+    Done = Callable[[bool, Any], None]
+
+CALL_TIMEOUT = 5.0             # seconds the loop may wait for the thread, at most
 
 
 class _Reply:

@@ -17,15 +17,19 @@ import logging
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+
+TYPE_CHECKING = False   # typing itself costs 2-5 ms at start-up
+if TYPE_CHECKING:
+    from typing import Any
+
+    # make(family, n, done): n new non-blocking sockets in the namespace, then
+    # done(True, sockets) or done(False, exception), later from the loop (or at once)
+    Maker = Callable[[int, int, Callable[[bool, Any], None]], None]
 
 log = logging.getLogger("splice")
 
 WAITERS_MAX = 256
 
-# make(family, n, done): n new non-blocking sockets in the namespace, then
-# done(True, sockets) or done(False, exception), later from the loop (or at once)
-Maker = Callable[[int, int, Callable[[bool, Any], None]], None]
 Waiter = Callable[["socket.socket | None"], None]
 
 
