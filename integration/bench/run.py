@@ -253,6 +253,8 @@ def passt_figures(rows: list) -> list[dict]:
                       c.get("peak_rss_mib"), None, ("<=", 35.0)))
     out.append(figure("passt memory, MiB", "peak RSS, vhost-user", vhost.get("peak_rss_mib"),
                       c.get("peak_rss_mib"), None, None))
+    out.append(figure("passt memory, MiB", "peak RSS, vhost-user, without the guest's memory",
+                      vhost.get("peak_own_rss_mib"), c.get("peak_rss_mib"), None, None))
     return out
 
 
