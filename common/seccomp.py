@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import signal
 import struct
 import sys
@@ -182,7 +181,7 @@ class SeccompError(Exception):
 
 
 def native_arch() -> Arch:
-    machine = platform.machine()
+    machine = os.uname().machine      # platform.machine(), without importing platform
     arch = ARCHES.get(machine)
     if arch is None:
         raise SeccompError(f"no seccomp system call table for {machine}: cannot sandbox")

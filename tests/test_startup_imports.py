@@ -42,13 +42,14 @@ import pasta.session, pasta.ns, pasta.cli
 print(json.dumps(sorted(sys.modules)))
 """
 
-# each costs 2-35 ms and is not needed there: dataclasses (and inspect) compile every
+# each costs 1-35 ms and is not needed there: dataclasses (and inspect) compile every
 # method of every class (common.record instead), hashlib loads OpenSSL for a BLAKE2s the
 # builtin _blake2 has, inotify_simple pulls in ctypes.util and subprocess for a watch only
 # --netns PATH needs, logging.handlers only serves a daemon's syslog, typing only the type
-# checker
+# checker, platform for what os.uname() says
 NOT_FOR_A_COMMAND = ("dataclasses", "inspect", "hashlib", "_hashlib", "inotify_simple",
-                     "ctypes.util", "subprocess", "logging.handlers", "pyroute2", "typing")
+                     "ctypes.util", "subprocess", "logging.handlers", "pyroute2", "typing",
+                     "platform")
 
 
 def test_pasta_sets_up_without_what_it_does_not_use():
