@@ -206,3 +206,13 @@ def test_a_frame_may_take_the_whole_ring(rig: Rig) -> None:
     assert rig.q.fill(memoryview(data), True) == NUM
     assert rig.q.last_avail == rig.q.used_idx == NUM
     assert rig.received() == expect(data, NUM)
+
+
+def test_a_ring_s_guest_address_from_the_front_end_s(rig: Rig) -> None:
+    """What passt -d logs of where a ring lies (the migration test reads it)."""
+    half = rig.ram.size // 2
+    assert rig.mem.guest_address(UVA_BASE) == GPA_BASE
+    assert rig.mem.guest_address(UVA_BASE + half + 5) == GPA_BASE + half + 5
+    assert rig.mem.guest_address(rig.ram.uva(rig.ring.used)) == rig.ring.used
+    assert rig.mem.guest_address(UVA_BASE - 1) is None
+    assert rig.mem.guest_address(UVA_BASE + rig.ram.size) is None

@@ -441,6 +441,12 @@ class VhostUserDevice:
             q.map(self.mem, self.has(F.RING_EVENT_IDX), self.has(F.RING_INDIRECT_DESC))
         except RingError as exc:
             q.fail(exc)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            gpa = self.mem.guest_address
+            log.debug("vhost-user: %s ring in guest memory: descriptors %#x, available %#x, "
+                      "used %#x, %d entries", q.name, gpa(q.desc_addr), gpa(q.avail_addr),
+                      gpa(q.used_addr), q.num)
 
     def _remap(self) -> None:
         for q in self.queues:

@@ -128,5 +128,12 @@ class GuestMemory:
                 return r.view, addr - r.uva
         raise BadAddress(f"ring address {addr:#x}+{length:#x} is in no memory region")
 
+    def guest_address(self, addr: int) -> int | None:
+        """The guest physical address of front-end user address `addr`, if mapped."""
+        for r in self.regions:
+            if r.uva <= addr < r.uva_end:
+                return r.gpa + addr - r.uva
+        return None
+
     def __len__(self) -> int:
         return len(self.regions)
