@@ -238,9 +238,11 @@ def migrate_once(guest_image: GuestImage, tmp_path: Path) -> str | None:
 
         def compare(mon_a: Monitor, mon_b: Monitor) -> None:
             """A paused after the migration, B loaded and not started: same memory?"""
-            wait_for(lambda: "VM status: paused" in mon_b.command("info status")
-                     and "inmigrate" not in mon_b.command("info status"),
-                     timeout=30, what="QEMU B to have loaded the guest")
+            def loaded() -> bool:
+                status = mon_b.command("info status")
+                return "VM status: paused" in status and "inmigrate" not in status
+
+            wait_for(loaded, timeout=30, what="QEMU B to have loaded the guest")
             dumps = {}
             for name, mon in (("a", mon_a), ("b", mon_b)):
                 path = tmp_path / f"{name}.mem"
