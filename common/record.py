@@ -6,8 +6,10 @@ it (about 0.5 ms a class), and importing it pulls in `inspect`: over our 29
 records that was 20-35 ms of a pasta start-up budgeted at 150 ms.  Here every
 record shares one generic set of methods, driven by the field names the
 decorator reads from the class's annotations: nothing is compiled.  Making an
-instance costs a few hundred nanoseconds more than a dataclass's generated
-`__init__`; no record is made per packet on a hot path.
+instance costs about 0.5 us more than a dataclass's generated `__init__` (1.0
+against 0.46 us for TcpOptions' five fields).  The records of the data path
+are made per connection at most: a SYN's TcpOptions, a SockError per ICMP
+error, FlowRecords for the flow log and `pesto --flows`; none per segment.
 
     @record(frozen=True)
     class Point:
